@@ -1,0 +1,83 @@
+"""Shared fixtures: the real app, under TestClient or under a real uvicorn on 127.0.0.1, port 0,
+answering from the built-in offline model."""
+
+from dataclasses import dataclass
+
+import httpx2
+import pytest
+from starlette.testclient import TestClient
+
+from auth import JWTSettings
+from main import Config, create_app
+from offline_model import serve_on_loopback
+
+TEST_SECRET = "test-secret-" + "s" * 64
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def jwt_settings() -> JWTSettings:
+    return JWTSettings(secret=TEST_SECRET)
+
+
+@pytest.fixture
+def make_app(tmp_path, jwt_settings):
+    """An app factory; keyword arguments override the test Config (fast offline tokens, temp files)."""
+
+    def make(**overrides):
+        config = Config(assistants_file=tmp_path / "assistants.json", offline_token_delay=0.002)
+        return create_app(Config(**(config.__dict__ | overrides)), jwt_settings)
+
+    return make
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def auth(jwt_settings):
+    """auth("alice") -> headers carrying a valid token for alice."""
+    return lambda sub: {"Authorization": f"Bearer {jwt_settings.mint(sub)}"}
+
+
+@dataclass
+class LiveService:
+    app: object
+    url: str
+    http: httpx2.AsyncClient
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://", 1)
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    @property
+    def hub(self):
+        return self.app.state.hub
+
+    @property
+    def offline_model(self):
+        return self.app.state.offline_model
+
+
+@pytest.fixture
+async def live(app):
+    """The app under a real uvicorn on 127.0.0.1 (a free port), with an HTTP client pointed at it."""
+    async with serve_on_loopback(app, lifespan="on") as url:
+        async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
+            yield LiveService(app, url, http)
