@@ -298,7 +298,9 @@ async def serve_on_loopback(app, **config):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = {"log_level": "warning", "lifespan": "off", "timeout_graceful_shutdown": 1} | config
+    # log_config=None and log_level=None leave the logging of the process (maybe another uvicorn) alone.
+    config = {"log_config": None, "log_level": None, "access_log": False, "lifespan": "off",
+              "timeout_graceful_shutdown": 1} | config
     server = _NoSignalServer(uvicorn.Config(app, **config))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
