@@ -5,6 +5,7 @@ Run it with `uvicorn main:app`. Every reply streams, token by token, to every so
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -329,10 +330,9 @@ async def read_frames(websocket: WebSocket, connection, thread, author: str, eng
             frame = parse_object(text)
             if frame.get("type") == "message":
                 content, assistants, _ = message_request(frame, engine)
-                work = lambda: engine.post_message(thread.id, author, content, assistants, events)  # noqa: E731
+                work = functools.partial(engine.post_message, thread.id, author, content, assistants, events)
             elif frame.get("type") == "run":
-                assistants = run_request(frame, engine)
-                work = lambda: engine.run_in_order(thread.id, assistants, events)  # noqa: E731
+                work = functools.partial(engine.run_in_order, thread.id, run_request(frame, engine), events)
             else:
                 raise bad_request('type: must be "message" or "run"')
             engine.queue.submit(thread.id, work).add_done_callback(report_unsaved_message)
@@ -456,7 +456,17 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
     return app
 
 
+class DeniedHandshakeNoise(logging.Filter):
+    """uvicorn's default WebSocket protocol logs this error after every denial response (the HTTP
+    401/404 a refused handshake gets), although the client received it; this app always either
+    accepts or denies, so the line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing handshake."
+
+
 def configure_logging() -> None:
+    logging.getLogger("uvicorn.error").addFilter(DeniedHandshakeNoise())
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
