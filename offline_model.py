@@ -294,7 +294,7 @@ class _NoSignalServer(uvicorn.Server):
 @contextlib.asynccontextmanager
 async def serve_on_loopback(app, **config):
     """Serve an ASGI app on 127.0.0.1 at a free port for the duration of the block; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
