@@ -114,7 +114,12 @@ class Turn:
 
     message: dict | None = None
     replies: list[dict] = field(default_factory=list)
-    errors: list[dict] = field(default_factory=list)
+    failures: list[tuple[Assistant, UpstreamError]] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[dict]:
+        return [{"assistant": assistant.ref(), "code": error.code, "message": error.message}
+                for assistant, error in self.failures]
 
 
 class AssistantStore:
@@ -386,7 +391,7 @@ class Engine:
             try:
                 turn.replies.append(await self.run(thread_id, assistant, events))
             except UpstreamError as error:
-                turn.errors.append({"assistant": assistant.ref(), "code": error.code, "message": error.message})
+                turn.failures.append((assistant, error))
         return turn
 
     async def post_message(self, thread_id: str, author: str, content: str, assistants: list[Assistant],

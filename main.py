@@ -128,7 +128,7 @@ def text_field(body: dict, name: str, max_chars: int, required: bool = False) ->
 
 
 def members_field(body: dict) -> list[str]:
-    members = body.get("members") or []
+    members = body.get("members", [])
     if not isinstance(members, list) or not all(isinstance(m, str) and m.strip() for m in members):
         raise bad_request("members: must be a list of non-empty strings (user ids)")
     members = list(dict.fromkeys(members))
@@ -238,7 +238,7 @@ async def start_runs(request: Request):
         return event_stream(request, thread.id, work)
     turn = await submit(request, thread.id, work)
     if turn.failures and not turn.replies:
-        raise turn.failures[0]
+        raise turn.failures[0][1]
     return JSONResponse(turn_json(turn, message=False))
 
 
