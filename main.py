@@ -36,6 +36,7 @@ log = logging.getLogger("gainz")
 DEFAULT_ASSISTANT = "assistant"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant."
 MAX_BODY_BYTES = 256 * 1024
+MAX_JSON_DEPTH = 32
 MAX_FRAME_CHARS = 64 * 1024
 MAX_CONTENT_CHARS = 32_000
 MAX_NAME_CHARS = 64
@@ -97,9 +98,39 @@ async def read_json(request: Request, optional: bool = False) -> dict:
     return parse_object(body)
 
 
+def too_deep(raw: bytes) -> bool:
+    """Whether the JSON nests deeper than MAX_JSON_DEPTH. json.loads would recurse down to the interpreter's
+    recursion limit, where a finalizer that a garbage collection runs at that moment has no stack left."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if escaped:
+            escaped = False
+        elif in_string:
+            escaped, in_string = byte == 0x5C, byte != 0x22  # backslash, closing quote
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif byte in b"]}":
+            depth -= 1
+    return False
+
+
 def parse_object(raw: bytes | str) -> dict:
+    raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    if too_deep(raw):
+        raise bad_request(f"malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         value = json.loads(raw)
+        # A lone surrogate escape ("\ud800") is valid JSON, but no UTF-8 encoder takes the string it decodes to
+        # (the SDK's request body, JSONResponse, a WebSocket text frame): refuse it here, where it comes in.
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise bad_request("malformed JSON: a lone surrogate escape (\\ud800-\\udfff)") from None
     except (ValueError, RecursionError):
         raise bad_request("malformed JSON") from None
     if not isinstance(value, dict):
