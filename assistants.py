@@ -150,8 +150,8 @@ class AssistantStore:
 
     async def create_or_load(self, name: str, model: str, instructions: str) -> tuple[Assistant, bool]:
         """The assistant called `name`, created if new; an existing one is returned unchanged."""
-        with contextlib.suppress(NotFound):
-            return self.get(name), False
+        if existing := next((assistant for assistant in self._by_id.values() if assistant.name == name), None):
+            return existing, False
         assistant = Assistant(f"asst_{secrets.token_hex(12)}", name, model, instructions, int(time.time()))
         self._by_id[assistant.id] = assistant
         await self._save()
