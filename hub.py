@@ -41,6 +41,7 @@ class Connection:
         self.backlog_bytes = 0
         self.close_code: int | None = None
         self._wakeup = asyncio.Event()
+        self.endpoint = asyncio.current_task()  # serves the socket; done once the socket is closed
         self.writer = asyncio.create_task(self._write())
 
     def offer(self, text: str, delta_event: dict | None = None) -> bool:
@@ -125,7 +126,9 @@ class Hub:
         connection.close(code)
         self._remove(connection)
 
-    def close_all(self, code: int) -> None:
-        for sockets in list(self.threads.values()):
-            for connection in tuple(sockets):
-                self.drop(connection, code)
+    def close_all(self, code: int) -> list[asyncio.Task]:
+        """Close every socket with `code`; returns the tasks serving them, done once each is closed."""
+        connections = [connection for sockets in self.threads.values() for connection in sockets]
+        for connection in connections:
+            self.drop(connection, code)
+        return [connection.endpoint for connection in connections]

@@ -407,17 +407,28 @@ async def internal_error(request: Request, error: Exception) -> JSONResponse:
 
 @contextlib.contextmanager
 def close_sockets_before_server_stops(hub: Hub):
-    """uvicorn closes open sockets with 1012 (service restart) on SIGINT/SIGTERM, before the lifespan
-    ends; close them first with 1001 (going away), which is what the service promises."""
+    """uvicorn closes the sockets still open with 1012 (service restart) at its next tick after
+    SIGINT/SIGTERM, before the lifespan ends; close them first with 1001 (going away), which is what
+    the service promises, and only then let uvicorn's own handler see the signal."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     loop = asyncio.get_running_loop()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    goodbyes: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    async def goodbye_then_stop(sig, frame):
+        if endpoints := hub.close_all(status.WS_1001_GOING_AWAY):
+            await asyncio.wait(endpoints, timeout=2)
+        previous[sig](sig, frame)
+
+    def start_goodbye(sig, frame):
+        task = loop.create_task(goodbye_then_stop(sig, frame))
+        goodbyes.add(task)
+        task.add_done_callback(goodbyes.discard)
 
     def say_goodbye(sig, frame):
-        loop.call_soon_threadsafe(hub.close_all, status.WS_1001_GOING_AWAY)
-        previous[sig](sig, frame)
+        loop.call_soon_threadsafe(start_goodbye, sig, frame)
 
     for sig, handler in previous.items():
         if callable(handler):
