@@ -56,27 +56,48 @@ class RunQueueFull(Exception):
     retry_after = 1
 
 
+def retry_after_seconds(headers) -> float | None:
+    if milliseconds := headers.get("retry-after-ms"):
+        with contextlib.suppress(ValueError):
+            return float(milliseconds) / 1000
+    with contextlib.suppress(TypeError, ValueError):
+        return float(headers.get("retry-after"))
+    return None
+
+
 def upstream_error(error: Exception) -> UpstreamError:
-    """Map an SDK exception to one of the three errors the HTTP layer knows."""
+    """Map an SDK exception to one of the three errors the HTTP layer knows. The upstream's own text
+    is logged, never passed on: it can quote the service's key or other internals."""
     if isinstance(error, openai.APITimeoutError):
         return UpstreamTimeout("timeout", "the upstream timed out")
     if isinstance(error, openai.APIConnectionError):
         return UpstreamError("connection_error", "the connection to the upstream failed")
-    if isinstance(error, openai.RateLimitError):
-        retry_after = error.response.headers.get("retry-after")
-        seconds = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
-        return UpstreamRateLimited("rate_limited", "the upstream is rate limiting", retry_after=seconds)
     if isinstance(error, openai.APIError):
-        return UpstreamError(error.code or "upstream_error", f"the upstream failed: {error.message}")
-    return UpstreamError("invalid_stream", f"the upstream sent an invalid stream: {error}")
+        log.warning("upstream error %s: %s", error.code, error.message)
+    if isinstance(error, openai.RateLimitError) and error.code != "insufficient_quota":
+        return UpstreamRateLimited("rate_limited", "the upstream is rate limiting",
+                                   retry_after=retry_after_seconds(error.response.headers))
+    if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        return UpstreamError("upstream_auth", "the upstream refused the service's credentials")
+    if isinstance(error, openai.APIError):
+        return UpstreamError(error.code or "upstream_error", "the upstream failed")
+    log.exception("the upstream's stream could not be read")
+    return UpstreamError("invalid_stream", "the upstream sent a stream that could not be read")
 
 
 @contextlib.contextmanager
 def upstream_errors():
     try:
         yield
-    except (openai.OpenAIError, RuntimeError) as error:
+    except UpstreamError:
+        raise
+    except Exception as error:  # the SDK's errors, and whatever a malformed stream makes its parser raise
         raise upstream_error(error) from error
+
+
+def clean_text(text: str) -> str:
+    """Upstream text with any lone surrogate (valid in JSON, unencodable in UTF-8) replaced."""
+    return text.encode("utf-8", "replace").decode()
 
 
 @dataclass(frozen=True)
@@ -222,11 +243,14 @@ class ThreadQueue:
         self.max_waiting = max_waiting
         self._waiting: dict[str, deque] = {}
         self._workers: dict[str, asyncio.Task] = {}
+        self._closed = False
 
     def submit(self, thread_id: str, work) -> asyncio.Future:
-        waiting = self._waiting.setdefault(thread_id, deque())
-        if len(waiting) >= self.max_waiting:
+        if self._closed:
+            raise RuntimeError("the run queue is closed")
+        if len(self._waiting.get(thread_id, ())) >= self.max_waiting:
             raise RunQueueFull()
+        waiting = self._waiting.setdefault(thread_id, deque())
         future = asyncio.get_running_loop().create_future()
         # A caller that left no longer reads the outcome; mark it read so it is not reported as lost.
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
@@ -260,10 +284,17 @@ class ThreadQueue:
         return len(self._workers)
 
     async def aclose(self) -> None:
+        self._closed = True
         workers = list(self._workers.values())
         for worker in workers:
             worker.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+        # A worker cancelled before its first step never ran its own clean-up.
+        for waiting in self._waiting.values():
+            for _, future in waiting:
+                future.cancel()
+        self._waiting.clear()
+        self._workers.clear()
 
 
 class Engine:
@@ -299,7 +330,8 @@ class Engine:
             with upstream_errors():
                 conversation = await self.client.conversations.retrieve(thread_id)
         except UpstreamError as error:
-            if isinstance(error.__cause__, openai.NotFoundError):
+            # The live API answers 400 for an id that is not a conversation id at all.
+            if isinstance(error.__cause__, (openai.NotFoundError, openai.BadRequestError)):
                 raise NotFound("thread not found") from None
             raise
         metadata = conversation.metadata or {}
@@ -335,7 +367,7 @@ class Engine:
         with upstream_errors():
             async for item in self.client.conversations.items.list(thread_id, order="asc", limit=100):
                 if item.type == "message" and item.role in ("user", "assistant"):
-                    text = "".join(getattr(part, "text", "") for part in item.content)
+                    text = clean_text("".join(getattr(part, "text", "") for part in item.content))
                     messages.append({"id": item.id, "role": item.role, "content": text}
                                     | self._attribution.get(item.id, {}))
         return messages
@@ -367,20 +399,24 @@ class Engine:
         metadata = {"assistant_id": assistant.id, "assistant_name": assistant.name, "run_id": run_id}
         with upstream_errors():
             async with self.client.responses.stream(
+                # No input: the conversation already holds the messages. Without truncation a long
+                # thread would outgrow the model's context and fail every run from then on.
                 model=assistant.model, instructions=assistant.instructions, conversation=thread_id,
-                input=[], metadata=metadata,
+                metadata=metadata, truncation="auto",
             ) as stream:
                 async for event in stream:
                     if event.type == "response.output_text.delta":
-                        await events.on_text_delta(thread_id, run_id, event.delta)
+                        await events.on_text_delta(thread_id, run_id, clean_text(event.delta))
                     elif event.type in ("response.failed", "response.incomplete"):
                         error = event.response.error
                         code = error.code if error else "incomplete"
-                        raise UpstreamError(code, f"the run failed: {error.message if error else event.type}")
+                        log.warning("run %s failed upstream: %s", run_id, error.message if error else event.type)
+                        raise UpstreamError(code, "the model failed to finish the reply")
                 response = await stream.get_final_response()
         item = next((output for output in response.output if output.type == "message"), None)
-        reply = {"id": item.id if item else response.id, "role": "assistant", "content": response.output_text,
-                 "assistant": assistant.ref(), "created_at": int(time.time())}
+        reply = {"id": item.id if item else response.id, "role": "assistant",
+                 "content": clean_text(response.output_text), "assistant": assistant.ref(),
+                 "created_at": int(time.time())}
         self._remember(self._attribution, reply["id"], {"assistant": assistant.ref(), "created_at": reply["created_at"]})
         return reply
 

@@ -24,8 +24,8 @@ def encode(event: dict) -> str:
 class Frame:
     __slots__ = ("text", "delta_event", "size")
 
-    def __init__(self, text: str | None, delta_event: dict | None):
-        self.text = text
+    def __init__(self, text: str, delta_event: dict | None):
+        self.text: str | None = text  # None once merged: encode delta_event instead
         self.delta_event = delta_event  # kept for text.delta frames, which may still be merged
         self.size = len(text)
 

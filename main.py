@@ -43,8 +43,9 @@ MAX_NAME_CHARS = 64
 MAX_INSTRUCTIONS_CHARS = 32_000
 MAX_ASSISTANTS_PER_RUN = 8
 MAX_MEMBERS = 10
-MAX_MEMBERS_JSON_CHARS = 512  # a Conversations metadata value holds at most 512 characters
+METADATA_VALUE_MAX_CHARS = 512  # what a Conversations metadata value holds (owner, members)
 WS_TOKEN_EXPIRED = 4401
+SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent for long
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ class Config:
     assistants_file: Path = Path("assistants.json")
     offline_token_delay: float = 0.02
     max_waiting_runs: int = 32
+
+    def __post_init__(self):
+        if self.max_waiting_runs < 1:
+            raise ValueError("MAX_WAITING_RUNS must be at least 1")
+        if self.openai_timeout_seconds <= 0 or self.openai_max_retries < 0 or self.offline_token_delay < 0:
+            raise ValueError("OPENAI_TIMEOUT_SECONDS must be positive; OPENAI_MAX_RETRIES and "
+                             "OFFLINE_TOKEN_DELAY must not be negative")
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "Config":
@@ -163,8 +171,8 @@ def members_field(body: dict) -> list[str]:
     if not isinstance(members, list) or not all(isinstance(m, str) and m.strip() for m in members):
         raise bad_request("members: must be a list of non-empty strings (user ids)")
     members = list(dict.fromkeys(members))
-    if len(members) > MAX_MEMBERS or len(json.dumps(members)) > MAX_MEMBERS_JSON_CHARS:
-        raise bad_request(f"members: at most {MAX_MEMBERS} and {MAX_MEMBERS_JSON_CHARS} characters in all")
+    if len(members) > MAX_MEMBERS or len(json.dumps(members)) > METADATA_VALUE_MAX_CHARS:
+        raise bad_request(f"members: at most {MAX_MEMBERS} and {METADATA_VALUE_MAX_CHARS} characters in all")
     return members
 
 
@@ -184,17 +192,18 @@ def assistants_field(body: dict, engine: Engine) -> list:
     return [engine.store.get(name) for name in names]
 
 
-def message_request(body: dict, engine: Engine) -> tuple[str, list, bool]:
-    check_fields(body, {"type", "content", "assistant", "assistants", "run"})
+def message_request(body: dict, engine: Engine) -> tuple[str, list]:
+    """The content of a new message and the assistants to run after it (none with "run": false)."""
+    check_fields(body, {"content", "assistant", "assistants", "run"})
     content = text_field(body, "content", MAX_CONTENT_CHARS, required=True)
     run = body.get("run", True)
     if not isinstance(run, bool):
         raise bad_request("run: must be true or false")
-    return content, assistants_field(body, engine) if run else [], run
+    return content, assistants_field(body, engine) if run else []
 
 
 def run_request(body: dict, engine: Engine) -> list:
-    check_fields(body, {"type", "assistant", "assistants"})
+    check_fields(body, {"assistant", "assistants"})
     return assistants_field(body, engine)
 
 
@@ -225,6 +234,8 @@ async def get_assistant(request: Request) -> JSONResponse:
 async def create_thread(request: Request) -> JSONResponse:
     body = await read_json(request, optional=True)
     check_fields(body, {"members"})
+    if len(request.user.sub) > METADATA_VALUE_MAX_CHARS:
+        raise bad_request(f"the token's sub is too long to own a thread (at most {METADATA_VALUE_MAX_CHARS})")
     members = [member for member in members_field(body) if member != request.user.sub]
     thread = await request.app.state.engine.create_thread(request.user.sub, members)
     return JSONResponse(thread.as_json(), status.HTTP_201_CREATED)
@@ -246,7 +257,7 @@ async def list_messages(request: Request) -> JSONResponse:
 async def post_message(request: Request):
     thread = await visible_thread(request)
     engine = request.app.state.engine
-    content, assistants, _ = message_request(await read_json(request), engine)
+    content, assistants = message_request(await read_json(request), engine)
 
     def work(events):
         return engine.post_message(thread.id, request.user.sub, content, assistants, events)
@@ -282,24 +293,37 @@ def wants_event_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
 
 
+def thread_events(hub: Hub, thread_id: str, *more_sinks) -> ThreadEvents:
+    """Events of runs on the thread, for every socket on it and for any further sink."""
+    return ThreadEvents(functools.partial(hub.broadcast, thread_id), *more_sinks)
+
+
+def queue_work(request: Request, thread_id: str, work, *more_sinks) -> asyncio.Future:
+    events = thread_events(request.app.state.hub, thread_id, *more_sinks)
+    return request.app.state.engine.queue.submit(thread_id, lambda: work(events))
+
+
 async def submit(request: Request, thread_id: str, work) -> Turn:
     """Queue the work on the thread and wait for it; the work goes on if this request goes away."""
-    hub = request.app.state.hub
-    events = ThreadEvents(lambda event: hub.broadcast(thread_id, event))
-    future = request.app.state.engine.queue.submit(thread_id, lambda: work(events))
-    return await asyncio.shield(future)
+    return await asyncio.shield(queue_work(request, thread_id, work))
 
 
 def event_stream(request: Request, thread_id: str, work) -> StreamingResponse:
     """The thread's events for this request's runs, as Server-Sent Events, ending after the last run."""
-    hub, finished = request.app.state.hub, object()
+    finished = object()
     events_for_client: asyncio.Queue = asyncio.Queue()
-    events = ThreadEvents(lambda event: hub.broadcast(thread_id, event), events_for_client.put_nowait)
-    future = request.app.state.engine.queue.submit(thread_id, lambda: work(events))
+    future = queue_work(request, thread_id, work, events_for_client.put_nowait)
     future.add_done_callback(lambda _: events_for_client.put_nowait(finished))
 
     async def frames():
-        while (event := await events_for_client.get()) is not finished:
+        while True:
+            try:
+                event = await asyncio.wait_for(events_for_client.get(), SSE_KEEPALIVE_SECONDS)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if event is finished:
+                break
             yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
         if not future.cancelled() and isinstance(error := future.exception(), UpstreamError):
             failure = {"type": "error", "error": {"code": error.code, "message": error.message}}
@@ -331,6 +355,9 @@ async def thread_socket(websocket: WebSocket) -> None:
     finally:
         reader.cancel()
         await hub.leave(connection)
+        (failure,) = await asyncio.gather(reader, return_exceptions=True)
+        if isinstance(failure, Exception):
+            log.error("reading frames from a socket failed", exc_info=failure)
     if connection.close_code is not None:
         # Best effort: a socket that stopped reading may never accept the close frame.
         with contextlib.suppress(Exception):
@@ -345,7 +372,7 @@ async def read_frames(websocket: WebSocket, connection, thread, author: str, eng
         if not done.cancelled() and isinstance(error := done.exception(), UpstreamError):
             reply_error(error.code, error.message)
 
-    events = ThreadEvents(lambda event: hub.broadcast(thread.id, event))
+    events = thread_events(hub, thread.id)
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
@@ -358,12 +385,13 @@ async def read_frames(websocket: WebSocket, connection, thread, author: str, eng
             reply_error("invalid_frame", f"frame over {MAX_FRAME_CHARS} characters")
             continue
         try:
-            frame = parse_object(text)
-            if frame.get("type") == "message":
-                content, assistants, _ = message_request(frame, engine)
+            fields = parse_object(text)
+            kind = fields.pop("type", None)
+            if kind == "message":
+                content, assistants = message_request(fields, engine)
                 work = functools.partial(engine.post_message, thread.id, author, content, assistants, events)
-            elif frame.get("type") == "run":
-                work = functools.partial(engine.run_in_order, thread.id, run_request(frame, engine), events)
+            elif kind == "run":
+                work = functools.partial(engine.run_in_order, thread.id, run_request(fields, engine), events)
             else:
                 raise bad_request('type: must be "message" or "run"')
             engine.queue.submit(thread.id, work).add_done_callback(report_unsaved_message)
@@ -460,6 +488,8 @@ async def lifespan(app: Starlette):
         engine = Engine(client, store, max_waiting_runs=config.max_waiting_runs)
         stack.push_async_callback(engine.aclose)
         hub = Hub()
+        # Under uvicorn the sockets are closed before this runs (see close_sockets_before_server_stops);
+        # this is for servers that end the lifespan with sockets still open.
         stack.callback(hub.close_all, status.WS_1001_GOING_AWAY)
         if app.state.jwt.secret_is_generated:
             log.warning("%s", demo_tokens_banner(app.state.jwt))

@@ -26,14 +26,23 @@ from starlette.routing import Route
 
 FAULTS = (
     "server_error",  # 500 before streaming
+    "unauthorized",  # 401 quoting part of the key, as the live API does
     "rate_limited",  # 429 with Retry-After before streaming
     "locked",  # 400 conversation_locked, as when another response is active
     "response_failed",  # streams a little, then response.failed
     "error_event",  # streams a little, then the live API's nested `error` event
     "disconnect",  # streams a little, then drops the connection
+    "malformed",  # streams a little, then an event whose data is not JSON
 )
 ITEMS_PAGE_MAX = 100
 ITEMS_PAGE_DEFAULT = 20
+
+
+class WireJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped, as the live API sends it, so any text the model holds can go out."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content).encode()
 
 
 def new_id(prefix: str) -> str:
@@ -41,9 +50,9 @@ def new_id(prefix: str) -> str:
 
 
 def openai_error(status_code: int, message: str, code: str | None = None, error_type: str = "invalid_request_error",
-                 headers: dict | None = None) -> JSONResponse:
+                 headers: dict | None = None) -> WireJSONResponse:
     body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status_code, headers=headers)
+    return WireJSONResponse(body, status_code=status_code, headers=headers)
 
 
 def message_item(role: str, text: str, item_id: str | None = None) -> dict:
@@ -117,41 +126,41 @@ class OfflineModel:
     def _conversation(self, request: Request) -> Conversation | None:
         return self.conversations.get(request.path_params["id"])
 
-    def _not_found(self, request: Request) -> JSONResponse:
+    def _not_found(self, request: Request) -> WireJSONResponse:
         return openai_error(status.HTTP_404_NOT_FOUND, f"Conversation with id '{request.path_params['id']}' not found.")
 
-    async def create_conversation(self, request: Request) -> JSONResponse:
+    async def create_conversation(self, request: Request) -> WireJSONResponse:
         body = await self._json(request)
         conversation = Conversation(new_id("conv"), int(time.time()), body.get("metadata") or {})
         conversation.items.extend(input_items(body.get("items")))
         self.conversations[conversation.id] = conversation
-        return JSONResponse(conversation.as_json())
+        return WireJSONResponse(conversation.as_json())
 
-    async def get_conversation(self, request: Request) -> JSONResponse:
+    async def get_conversation(self, request: Request) -> WireJSONResponse:
         conversation = self._conversation(request)
-        return JSONResponse(conversation.as_json()) if conversation else self._not_found(request)
+        return WireJSONResponse(conversation.as_json()) if conversation else self._not_found(request)
 
-    async def update_conversation(self, request: Request) -> JSONResponse:
+    async def update_conversation(self, request: Request) -> WireJSONResponse:
         conversation = self._conversation(request)
         if not conversation:
             return self._not_found(request)
         conversation.metadata = (await self._json(request)).get("metadata") or {}
-        return JSONResponse(conversation.as_json())
+        return WireJSONResponse(conversation.as_json())
 
-    async def delete_conversation(self, request: Request) -> JSONResponse:
+    async def delete_conversation(self, request: Request) -> WireJSONResponse:
         if not self.conversations.pop(request.path_params["id"], None):
             return self._not_found(request)
-        return JSONResponse({"id": request.path_params["id"], "object": "conversation.deleted", "deleted": True})
+        return WireJSONResponse({"id": request.path_params["id"], "object": "conversation.deleted", "deleted": True})
 
-    async def add_items(self, request: Request) -> JSONResponse:
+    async def add_items(self, request: Request) -> WireJSONResponse:
         conversation = self._conversation(request)
         if not conversation:
             return self._not_found(request)
         added = input_items((await self._json(request)).get("items"))
         conversation.items.extend(added)
-        return JSONResponse(self._page(added, has_more=False))
+        return WireJSONResponse(self._page(added, has_more=False))
 
-    async def list_items(self, request: Request) -> JSONResponse:
+    async def list_items(self, request: Request) -> WireJSONResponse:
         conversation = self._conversation(request)
         if not conversation:
             return self._not_found(request)
@@ -166,7 +175,7 @@ class OfflineModel:
         if after := query.get("after"):
             ids = [item["id"] for item in items]
             items = items[ids.index(after) + 1:] if after in ids else []
-        return JSONResponse(self._page(items[:limit], has_more=len(items) > limit))
+        return WireJSONResponse(self._page(items[:limit], has_more=len(items) > limit))
 
     @staticmethod
     def _page(items: list[dict], has_more: bool) -> dict:
@@ -185,6 +194,9 @@ class OfflineModel:
         if fault == "server_error":
             return openai_error(status.HTTP_500_INTERNAL_SERVER_ERROR, "The offline model was told to fail.",
                                 error_type="server_error")
+        if fault == "unauthorized":
+            return openai_error(status.HTTP_401_UNAUTHORIZED, "Incorrect API key provided: sk-proj-****abcd.",
+                                code="invalid_api_key")
         if fault == "rate_limited":
             return openai_error(status.HTTP_429_TOO_MANY_REQUESTS, "Rate limit reached (offline model).",
                                 code="rate_limit_exceeded", error_type="requests", headers={"Retry-After": "1"})
@@ -207,7 +219,7 @@ class OfflineModel:
         if not body.get("stream"):
             message = message_item("assistant", reply)
             self._commit(conversation, new_items, message)
-            return JSONResponse(response | {"status": "completed", "output": [message], "usage": self._usage(seen, reply)})
+            return WireJSONResponse(response | {"status": "completed", "output": [message], "usage": self._usage(seen, reply)})
         if conversation:
             self.active_conversations.add(conversation.id)
         return StreamingResponse(self._stream(response, conversation, new_items, seen, reply, fault),
@@ -279,6 +291,8 @@ class OfflineModel:
             error = {"type": "server_error", "code": "server_error", "param": None,
                      "message": "The offline model sent an error event mid-stream."}
             yield frame("error", error=error)
+        elif fault == "malformed":
+            yield 'event: response.output_text.delta\ndata: {"type": "response.output_text.del\n\n'
         else:  # disconnect: end the body without the events that close the response
             raise ConnectionAbortedError("offline model dropped the connection on purpose")
 
