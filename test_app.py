@@ -40,6 +40,7 @@ def assert_error(response, status_code: int, *words: str) -> str:
     assert isinstance(detail, str) and detail
     assert all(word in detail for word in words), detail
     assert "Traceback" not in response.text and "eyJ" not in response.text  # every JWT starts with eyJ
+    assert "sk-" not in response.text  # OpenAI keys start with sk-; the upstream may quote one
     return detail
 
 
@@ -181,6 +182,18 @@ def test_bad_thread_bodies_get_400(client, auth, body, word):
     assert_error(client.post("/threads", content=content, headers=auth("alice")), 400, word)
 
 
+def test_a_user_id_too_long_for_the_upstream_cannot_own_a_thread(client, auth):
+    assert_error(client.post("/threads", headers=auth("u" * 513)), 400, "sub")
+    assert client.post("/threads", headers=auth("u" * 512)).status_code == 201
+
+
+@pytest.mark.parametrize("setting", [{"max_waiting_runs": 0}, {"openai_timeout_seconds": 0},
+                                     {"openai_max_retries": -1}, {"offline_token_delay": -1}])
+def test_impossible_settings_are_refused_at_start_up(setting):
+    with pytest.raises(ValueError):
+        Config(**setting)
+
+
 # ---------- messages and runs ----------
 
 
@@ -241,8 +254,9 @@ def untouched_thread(client) -> str:
     ({"content": "hi", "run": "yes"}, 400, ["run"]), ({"content": "hi", "assistants": []}, 400, ["assistants"]),
     ({"content": "hi", "assistant": "a", "assistants": ["b"]}, 400, ["assistant"]),
     ({"content": "hi", "colour": "red"}, 400, ["colour"]),
+    ({"content": "hi", "type": "message"}, 400, ["type"]),
 ], ids=["unknown assistant", "one unknown of two", "no content", "empty", "blank", "number", "too long",
-        "run not bool", "no assistants", "both", "unknown field"])
+        "run not bool", "no assistants", "both", "unknown field", "a frame's type field"])
 def test_bad_messages_are_refused_and_not_stored(client, auth, untouched_thread, body, status_code, words):
     assert_error(post_message(client, auth, untouched_thread, **body), status_code, *words)
     assert messages(client, auth, untouched_thread) == []
@@ -297,6 +311,7 @@ def test_members_share_the_thread_fully(client, auth):
 
 @pytest.mark.parametrize(("fault", "status_code"), [
     ("server_error", 502), ("response_failed", 502), ("error_event", 502), ("disconnect", 502), ("rate_limited", 503),
+    ("malformed", 502), ("unauthorized", 502),
 ])
 def test_runs_that_all_fail_map_to_the_upstream_status(client, auth, fault, status_code):
     thread = new_thread(client, auth)

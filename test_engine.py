@@ -12,7 +12,7 @@ import pytest
 import assistants
 from assistants import (AssistantStore, Engine, NotFound, RunEventHandler, RunQueueFull, ThreadQueue,
                         UpstreamError, UpstreamRateLimited, UpstreamTimeout)
-from offline_model import OfflineModel, serve_on_loopback
+from offline_model import OfflineModel, message_item, serve_on_loopback
 
 pytestmark = pytest.mark.anyio
 
@@ -186,6 +186,8 @@ async def test_two_assistants_answer_in_order_and_the_second_sees_the_first(upst
     ("response_failed", UpstreamError, 502, "server_error"),
     ("error_event", UpstreamError, 502, "server_error"),
     ("disconnect", UpstreamError, 502, "connection_error"),
+    ("malformed", UpstreamError, 502, "invalid_stream"),
+    ("unauthorized", UpstreamError, 502, "upstream_auth"),
 ])
 async def test_each_upstream_failure_is_typed_reported_and_recoverable(upstream, fault, error_type, status_code, code):
     helper = await upstream.assistant("helper")
@@ -199,6 +201,7 @@ async def test_each_upstream_failure_is_typed_reported_and_recoverable(upstream,
     assert raised.value.retry_after == (1.0 if fault == "rate_limited" else None)
     assert events.hooks()[0] == "run_started" and events.hooks()[-1] == "run_failed"
     assert events.payloads("run_failed") == [raised.value]
+    assert "sk-" not in raised.value.message and "offline model" not in raised.value.message
     assert [m["content"] for m in await upstream.engine.list_messages(thread_id)] == ["will this survive?"]
     reply = await upstream.engine.run(thread_id, helper, Recorder())
     assert "helper heard: will this survive?" in reply["content"]
@@ -215,6 +218,7 @@ async def test_a_slow_upstream_is_a_timeout(upstream):
             await impatient.run(thread_id, helper, events)
     assert raised.value.status_code == 504 and raised.value.code == "timeout"
     assert events.payloads("run_failed") == [raised.value]
+    assert "sk-" not in raised.value.message and "offline model" not in raised.value.message
 
 
 @pytest.fixture
@@ -311,3 +315,27 @@ async def test_a_caller_that_goes_away_does_not_stop_the_run(upstream):
     stored = (await upstream.engine.list_messages(thread_id))[-1]
     assert stored["role"] == "assistant" and "keep going without me" in stored["content"]
     assert stored["content"] == "".join(events.payloads("delta"))
+
+
+async def test_text_the_upstream_cannot_encode_is_cleaned_where_it_comes_in(upstream):
+    helper = await upstream.assistant("helper")
+    thread = await upstream.engine.create_thread("alice", [])
+    # Valid JSON ("\ud800") that no UTF-8 encoder takes; the SDK cannot even send it, so plant it upstream.
+    upstream.model.conversations[thread.id].items.append(message_item("user", "lone \ud800 surrogate"))
+    reply = await upstream.engine.run(thread.id, helper, Recorder())
+    assert "lone ? surrogate" in reply["content"]
+    assert all(message["content"].encode() for message in await upstream.engine.list_messages(thread.id))
+
+
+async def test_a_closed_queue_cancels_what_never_started_and_takes_no_more():
+    queue = ThreadQueue(max_waiting=4)
+    started = []
+
+    async def work():
+        started.append(True)
+
+    future = queue.submit("thread", work)
+    await queue.aclose()
+    assert future.cancelled() and started == []
+    with pytest.raises(RuntimeError):
+        queue.submit("thread", work)

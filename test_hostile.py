@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from main import MAX_BODY_BYTES, MAX_FRAME_CHARS, parse_object
+from offline_model import FAULTS
 
 pytestmark = pytest.mark.anyio
 
@@ -240,6 +241,7 @@ async def test_huge_headers_get_a_4xx_and_the_server_keeps_serving(live, auth):
 FAULT_OUTCOMES = {  # fault -> (status of POST /runs, last event of the run); a lock is retried until it frees
     "server_error": (502, "run.failed"), "rate_limited": (503, "run.failed"), "response_failed": (502, "run.failed"),
     "error_event": (502, "run.failed"), "disconnect": (502, "run.failed"), "locked": (200, "run.completed"),
+    "malformed": (502, "run.failed"), "unauthorized": (502, "run.failed"),
 }
 
 
@@ -281,6 +283,7 @@ async def fault_outcome(live, auth, fault: str) -> tuple:
 
 
 async def test_a_fault_fails_the_run_on_every_transport_keeps_the_message_and_the_next_run_works(live, auth):
+    assert set(FAULT_OUTCOMES) == set(FAULTS)
     outcomes = {fault: await fault_outcome(live, auth, fault) for fault in FAULT_OUTCOMES}
     assert outcomes == {fault: (ends, ends, True, status, ends, (1, []), ["over the socket", "over sse", "after"])
                         for fault, (status, ends) in FAULT_OUTCOMES.items()}
