@@ -1,6 +1,7 @@
 """Shared fixtures: the real app, under TestClient or under a real uvicorn on 127.0.0.1, port 0,
 answering from the built-in offline model."""
 
+import asyncio
 from dataclasses import dataclass
 
 import httpx2
@@ -81,3 +82,9 @@ async def live(app):
     async with serve_on_loopback(app, lifespan="on") as url:
         async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
             yield LiveService(app, url, http)
+
+
+def writer_tasks() -> set[asyncio.Task]:
+    """The hub's socket writers still alive in this event loop."""
+    return {task for task in asyncio.all_tasks()
+            if getattr(task.get_coro(), "__qualname__", "") == "Connection._write"}

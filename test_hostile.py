@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from conftest import writer_tasks
 from main import MAX_BODY_BYTES, MAX_FRAME_CHARS, parse_object
 from offline_model import FAULTS
 
@@ -298,10 +299,6 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def writer_tasks() -> list[asyncio.Task]:
-    return [task for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "Connection._write"]
-
-
 async def refused_status(live, thread: str, headers: dict) -> int:
     with pytest.raises(InvalidStatus) as refused:
         await connect(f"{live.ws_url}/threads/{thread}/ws", additional_headers=headers, open_timeout=TIMEOUT)
@@ -354,7 +351,7 @@ async def test_a_thousand_socket_lifetimes_leave_no_socket_task_worker_or_descri
 
     def leftovers() -> dict:
         return {"busy threads": live.engine.queue.busy_threads(), "hub": live.hub.threads,
-                "writer tasks": writer_tasks(), "fds over slack": max(0, open_fds() - baseline - slack)}
+                "writer tasks": list(writer_tasks()), "fds over slack": max(0, open_fds() - baseline - slack)}
 
     nothing_left = {"busy threads": 0, "hub": {}, "writer tasks": [], "fds over slack": 0}
     await eventually(lambda: leftovers() == nothing_left)

@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import hub as hub_module
 from auth import JWTSettings
-from conftest import TEST_SECRET, LiveService
+from conftest import TEST_SECRET, LiveService, writer_tasks
 from main import MAX_FRAME_CHARS, Config, create_app
 from offline_model import serve_on_loopback
 
@@ -128,10 +128,6 @@ async def eventually(condition, timeout: float = 5.0) -> bool:
     while not (met := condition()) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     return met
-
-
-def writer_tasks() -> set[asyncio.Task]:
-    return {task for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "Connection._write"}
 
 
 async def close_code(ws) -> int | None:
