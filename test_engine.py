@@ -339,3 +339,13 @@ async def test_a_closed_queue_cancels_what_never_started_and_takes_no_more():
     assert future.cancelled() and started == []
     with pytest.raises(RuntimeError):
         queue.submit("thread", work)
+
+
+async def test_a_thread_is_fetched_from_the_upstream_once_then_served_from_cache(upstream, tmp_path):
+    thread = await upstream.engine.create_thread("alice", ["bob"])
+    cold = Engine(upstream.engine.client, AssistantStore(tmp_path / "other.json"))  # e.g. after a restart
+    for user in ("alice", "bob", "alice"):
+        assert (await cold.visible_thread(thread.id, user)).members == ("bob",)
+    with pytest.raises(NotFound):
+        await cold.visible_thread(thread.id, "carol")
+    assert len(upstream.log.queries("GET", f"/conversations/{thread.id}")) == 1
