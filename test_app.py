@@ -14,6 +14,7 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from auth import JWTSettings
 from conftest import TEST_SECRET
+import main
 from main import MAX_BODY_BYTES, MAX_CONTENT_CHARS, MAX_MEMBERS, Config, create_app
 from offline_model import serve_on_loopback
 
@@ -440,3 +441,21 @@ async def test_a_run_goes_on_when_its_client_leaves(make_app, auth):
         stored = await live_messages(http, auth, thread_id)
     assert [m["role"] for m in stored] == ["user", "assistant", "user"]
     assert "heard: bye (" in stored[1]["content"] and deltas_when_left < app.state.offline_model.deltas_sent
+
+
+@pytest.mark.anyio
+async def test_an_event_stream_waiting_its_turn_sends_keep_alives(make_app, auth, monkeypatch):
+    monkeypatch.setattr(main, "SSE_KEEPALIVE_SECONDS", 0.01)
+    headers = {"Accept": "text/event-stream", **auth("alice")}
+    async with serving(make_app(offline_token_delay=0.02)) as http:
+        thread_id = await live_thread(http, auth)
+        async with http.stream("POST", f"/threads/{thread_id}/messages", json={"content": "first"},
+                               headers=headers) as ahead:
+            async for line in ahead.aiter_lines():
+                if line == "event: run.started":
+                    break
+            async with http.stream("POST", f"/threads/{thread_id}/runs", headers=headers) as waiting:
+                lines = [line async for line in waiting.aiter_lines() if line]
+    first_event = next(index for index, line in enumerate(lines) if line.startswith("event:"))
+    assert first_event > 0 and set(lines[:first_event]) == {": keep-alive"}
+    assert lines[first_event] == "event: run.started" and lines[-2] == "event: run.completed"
