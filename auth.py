@@ -106,9 +106,18 @@ class JWTSettings:
         except jwt.PyJWTError:
             raise TokenError("invalid token") from None
         sub = claims["sub"]
-        if not isinstance(sub, str) or not sub:
+        if not isinstance(sub, str) or not sub or not sub.isprintable() or not _encodable(sub):
             raise TokenError("invalid token")
         return User(sub=sub, expires_at=float(claims["exp"]))
+
+
+def _encodable(text: str) -> bool:
+    """False for a lone surrogate ("\ud800" is valid JSON): no UTF-8 response or frame could carry it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _bearer_token(headers: Headers) -> str | None:

@@ -170,11 +170,14 @@ def test_missing_bearer_token(client, authorization):
         (lambda: signed(sub=42), "invalid token"),
         (lambda: signed(exp=None), "invalid token"),
         (lambda: signed(exp="soon"), "invalid token"),
+        (lambda: signed(sub="\ud800"), "invalid token"),
+        (lambda: signed(sub="alice\nbob"), "invalid token"),
     ],
     ids=[
         "garbage", "three garbage segments", "other secret", "tampered payload", "alg none",
         "HS512 same secret", "RS256 header HMAC signature", "expired",
         "nbf in future", "no sub", "empty sub", "non-string sub", "no exp", "non-numeric exp",
+        "unencodable sub", "control character in sub",
     ],
 )
 def test_refused_tokens(client, make_token, detail):
