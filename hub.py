@@ -8,10 +8,13 @@ one (nothing is dropped); past the byte bound it is closed and removed.
 import asyncio
 import contextlib
 import json
+import logging
 from collections import deque
 
 from starlette import status
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+log = logging.getLogger("gainz")
 
 SLOW_CONSUMER_CLOSE_CODE = status.WS_1013_TRY_AGAIN_LATER
 MAX_BACKLOG_BYTES = 512 * 1024
@@ -104,6 +107,8 @@ class Hub:
         self._remove(connection)
         connection.writer.cancel()
         await asyncio.wait([connection.writer])
+        if not connection.writer.cancelled() and (error := connection.writer.exception()):
+            log.error("writing to a socket failed", exc_info=error)
 
     def clients(self, thread_id: str) -> int:
         return len(self.threads.get(thread_id, ()))
