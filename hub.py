@@ -17,7 +17,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 log = logging.getLogger("gainz")
 
 SLOW_CONSUMER_CLOSE_CODE = status.WS_1013_TRY_AGAIN_LATER
-MAX_BACKLOG_BYTES = 512 * 1024
+MAX_BACKLOG_CHARS = 512 * 1024
 
 
 def encode(event: dict) -> str:
@@ -25,23 +25,28 @@ def encode(event: dict) -> str:
 
 
 class Frame:
-    __slots__ = ("text", "delta_event", "size")
+    __slots__ = ("text", "delta_event", "merged", "size")
 
     def __init__(self, text: str, delta_event: dict | None):
-        self.text: str | None = text  # None once merged: encode delta_event instead
+        self.text = text
         self.delta_event = delta_event  # kept for text.delta frames, which may still be merged
+        self.merged: list[str] | None = None  # the deltas, once a later one was merged in
         self.size = len(text)
+
+    def encoded(self) -> str:
+        # Joined once, when written: appending to one string per merge would cost the square of the backlog.
+        return self.text if self.merged is None else encode(self.delta_event | {"delta": "".join(self.merged)})
 
 
 class Connection:
     """One socket on one thread: its backlog and the writer task that drains it."""
 
-    def __init__(self, websocket: WebSocket, thread_id: str, max_backlog_bytes: int):
+    def __init__(self, websocket: WebSocket, thread_id: str, max_backlog_chars: int):
         self.websocket = websocket
         self.thread_id = thread_id
-        self.max_backlog_bytes = max_backlog_bytes
+        self.max_backlog_chars = max_backlog_chars
         self.backlog: deque[Frame] = deque()
-        self.backlog_bytes = 0
+        self.backlog_chars = 0
         self.close_code: int | None = None
         self._wakeup = asyncio.Event()
         self.endpoint = asyncio.current_task()  # serves the socket; done once the socket is closed
@@ -53,15 +58,16 @@ class Connection:
             return True
         last = self.backlog[-1] if self.backlog else None
         if delta_event and last and last.delta_event and last.delta_event["run_id"] == delta_event["run_id"]:
-            last.delta_event = last.delta_event | {"delta": last.delta_event["delta"] + delta_event["delta"]}
-            last.text = None
+            if last.merged is None:
+                last.merged = [last.delta_event["delta"]]
+            last.merged.append(delta_event["delta"])
             last.size += len(delta_event["delta"])
-            self.backlog_bytes += len(delta_event["delta"])
+            self.backlog_chars += len(delta_event["delta"])
         else:
             self.backlog.append(Frame(text, delta_event))
-            self.backlog_bytes += len(text)
+            self.backlog_chars += len(text)
             self._wakeup.set()
-        return self.backlog_bytes <= self.max_backlog_bytes
+        return self.backlog_chars <= self.max_backlog_chars
 
     def close(self, code: int) -> None:
         """Stop writing, even in the middle of a send to a socket that stopped reading; the owner of
@@ -69,7 +75,7 @@ class Connection:
         if self.close_code is None:
             self.close_code = code
             self.backlog.clear()
-            self.backlog_bytes = 0
+            self.backlog_chars = 0
             self.writer.cancel()
 
     async def _write(self) -> None:
@@ -81,17 +87,17 @@ class Connection:
                     await self._wakeup.wait()
                     continue
                 frame = self.backlog.popleft()
-                self.backlog_bytes -= frame.size
-                await websocket.send_text(frame.text if frame.text is not None else encode(frame.delta_event))
+                self.backlog_chars -= frame.size
+                await websocket.send_text(frame.encoded())
 
 
 class Hub:
-    def __init__(self, max_backlog_bytes: int = MAX_BACKLOG_BYTES):
-        self.max_backlog_bytes = max_backlog_bytes
+    def __init__(self, max_backlog_chars: int = MAX_BACKLOG_CHARS):
+        self.max_backlog_chars = max_backlog_chars
         self.threads: dict[str, set[Connection]] = {}
 
     def join(self, thread_id: str, websocket: WebSocket) -> Connection:
-        connection = Connection(websocket, thread_id, self.max_backlog_bytes)
+        connection = Connection(websocket, thread_id, self.max_backlog_chars)
         self.threads.setdefault(thread_id, set()).add(connection)
         return connection
 

@@ -285,7 +285,7 @@ async def test_a_socket_that_stops_reading_delays_no_one_and_is_closed_past_its_
     async with serve_on_loopback(app, lifespan="on", ws=ThrottledWebSockets) as url:
         async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
             server = LiveService(app, url, http)
-            server.hub.max_backlog_bytes = 32 * 1024  # each connection copies the bound when it joins
+            server.hub.max_backlog_chars = 32 * 1024  # each connection copies the bound when it joins
             thread_id = await new_thread(server, auth)
             readers = [await join(thread_id, token("alice"), server=server) for _ in range(3)]
             slow = await connect_without_reading(server, thread_id, token("alice"))
@@ -300,7 +300,7 @@ async def slow_socket_scenario(server, auth, thread_id, readers, slow):
         """The slow connection's peak backlog until the server closes it; then what it had received."""
         peak_backlog, frames = 0, []
         while slow_connection.close_code is None:
-            peak_backlog = max(peak_backlog, slow_connection.backlog_bytes)
+            peak_backlog = max(peak_backlog, slow_connection.backlog_chars)
             await asyncio.sleep(0)
         with pytest.raises(ConnectionClosed) as closed:
             while True:
@@ -318,7 +318,7 @@ async def slow_socket_scenario(server, auth, thread_id, readers, slow):
         assert [check_run(frames[1:]) for frames in reader_frames] == [replies[-1]] * len(readers)
     peak_backlog, slow_frames, code = await asyncio.wait_for(watcher, FRAME_TIMEOUT)
 
-    assert peak_backlog <= server.hub.max_backlog_bytes <= hub_module.MAX_BACKLOG_BYTES
+    assert peak_backlog <= server.hub.max_backlog_chars <= hub_module.MAX_BACKLOG_CHARS
     assert code == hub_module.SLOW_CONSUMER_CLOSE_CODE
     assert server.hub.clients(thread_id) == 3
     # What did reach the slow socket was merged, never dropped: each whole run adds up to its reply.
