@@ -106,44 +106,56 @@ async def read_json(request: Request, optional: bool = False) -> dict:
     return parse_object(body)
 
 
-def too_deep(raw: bytes) -> bool:
+def too_deep(text: str) -> bool:
     """Whether the JSON nests deeper than MAX_JSON_DEPTH. json.loads would recurse down to the interpreter's
     recursion limit, where a finalizer that a garbage collection runs at that moment has no stack left."""
-    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
         return False
     depth, in_string, escaped = 0, False, False
-    for byte in raw:
+    for char in text:
         if escaped:
             escaped = False
         elif in_string:
-            escaped, in_string = byte == 0x5C, byte != 0x22  # backslash, closing quote
-        elif byte == 0x22:
+            escaped, in_string = char == "\\", char != '"'
+        elif char == '"':
             in_string = True
-        elif byte in b"[{":
+        elif char in "[{":
             depth += 1
             if depth > MAX_JSON_DEPTH:
                 return True
-        elif byte in b"]}":
+        elif char in "]}":
             depth -= 1
     return False
 
 
 def parse_object(raw: bytes | str) -> dict:
-    raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
-    if too_deep(raw):
+    """The JSON object of a body or a frame; anything else is a 400 that says what is wrong."""
+    try:
+        text = raw if isinstance(raw, str) else bytes(raw).decode()  # JSON on the wire is UTF-8 (RFC 8259)
+        text.encode()
+    except UnicodeError:
+        raise bad_request("malformed JSON: not UTF-8") from None
+    if too_deep(text):
         raise bad_request(f"malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        value = json.loads(raw)
-        # A lone surrogate escape ("\ud800") is valid JSON, but no UTF-8 encoder takes the string it decodes to
-        # (the SDK's request body, JSONResponse, a WebSocket text frame): refuse it here, where it comes in.
-        json.dumps(value, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise bad_request("malformed JSON: a lone surrogate escape (\\ud800-\\udfff)") from None
+        value = json.loads(text)
     except (ValueError, RecursionError):
         raise bad_request("malformed JSON") from None
+    # A lone surrogate escape ("\ud800") is valid JSON, but no UTF-8 encoder takes the string it decodes to
+    # (the SDK's request body, JSONResponse, a WebSocket text frame): refuse it here, where it comes in.
+    if "\\u" in text and not encodable(value):
+        raise bad_request("malformed JSON: a lone surrogate escape (\\ud800-\\udfff)")
     if not isinstance(value, dict):
         raise bad_request("the body must be a JSON object")
     return value
+
+
+def encodable(value) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_fields(body: dict, allowed: set[str]) -> None:
@@ -326,7 +338,7 @@ def event_stream(request: Request, thread_id: str, work) -> StreamingResponse:
                 break
             yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
         if not future.cancelled() and isinstance(error := future.exception(), UpstreamError):
-            failure = {"type": "error", "error": {"code": error.code, "message": error.message}}
+            failure = {"type": "error", "error": error.as_json()}
             yield f"event: error\ndata: {json.dumps(failure)}\n\n"
 
     return StreamingResponse(frames(), media_type="text/event-stream",
@@ -340,9 +352,9 @@ async def thread_socket(websocket: WebSocket) -> None:
     try:
         thread = await engine.visible_thread(websocket.path_params["thread_id"], user.sub)
     except NotFound as error:
-        return await websocket.send_denial_response(JSONResponse({"detail": error.detail}, status.HTTP_404_NOT_FOUND))
+        return await websocket.send_denial_response(await not_found(websocket, error))
     except UpstreamError as error:
-        return await websocket.send_denial_response(JSONResponse({"detail": error.message}, error.status_code))
+        return await websocket.send_denial_response(await upstream_failed(websocket, error))
     await websocket.accept(subprotocol=websocket.scope.get("auth_subprotocol"))
     connection = hub.join(thread.id, websocket)
     hub.send(connection, {"type": "thread.joined", "thread_id": thread.id, "clients": hub.clients(thread.id)})
