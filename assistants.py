@@ -37,6 +37,9 @@ class UpstreamError(Exception):
         super().__init__(message)
         self.code, self.message, self.retry_after = code, message, retry_after
 
+    def as_json(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
 
 class UpstreamRateLimited(UpstreamError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
@@ -139,8 +142,7 @@ class Turn:
 
     @property
     def errors(self) -> list[dict]:
-        return [{"assistant": assistant.ref(), "code": error.code, "message": error.message}
-                for assistant, error in self.failures]
+        return [{"assistant": assistant.ref()} | error.as_json() for assistant, error in self.failures]
 
 
 class AssistantStore:
@@ -162,16 +164,18 @@ class AssistantStore:
     def list(self) -> list[Assistant]:
         return sorted(self._by_id.values(), key=lambda assistant: (assistant.created_at, assistant.name))
 
+    def _named(self, name: str) -> Assistant | None:
+        return next((assistant for assistant in self._by_id.values() if assistant.name == name), None)
+
     def get(self, id_or_name: str) -> Assistant:
-        found = self._by_id.get(id_or_name) or next(
-            (assistant for assistant in self._by_id.values() if assistant.name == id_or_name), None)
+        found = self._by_id.get(id_or_name) or self._named(id_or_name)
         if found is None:
             raise NotFound(f"unknown assistant: {id_or_name!r}")
         return found
 
     async def create_or_load(self, name: str, model: str, instructions: str) -> tuple[Assistant, bool]:
         """The assistant called `name`, created if new; an existing one is returned unchanged."""
-        if existing := next((assistant for assistant in self._by_id.values() if assistant.name == name), None):
+        if existing := self._named(name):
             return existing, False
         assistant = Assistant(f"asst_{secrets.token_hex(12)}", name, model, instructions, int(time.time()))
         self._by_id[assistant.id] = assistant
@@ -229,8 +233,7 @@ class ThreadEvents(RunEventHandler):
         self.publish({"type": "run.completed", "thread_id": thread_id, "run_id": run_id, "message": message})
 
     async def on_run_failed(self, thread_id, run_id, error):
-        failure = {"code": error.code, "message": error.message}
-        self.publish({"type": "run.failed", "thread_id": thread_id, "run_id": run_id, "error": failure})
+        self.publish({"type": "run.failed", "thread_id": thread_id, "run_id": run_id, "error": error.as_json()})
 
 
 class ThreadQueue:
