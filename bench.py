@@ -48,7 +48,8 @@ from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
 from websockets.asyncio.client import connect
 
 from auth import JWTSettings
-from offline_model import OfflineModel, item_text
+from hub import encode
+from offline_model import OfflineModel, item_text, tokens
 
 REPO = Path(__file__).resolve().parent
 SECRET = "bench-secret-" + "b" * 64
@@ -66,14 +67,6 @@ MODES = {
 
 def words(count: int, chars: int = 0) -> str:
     return " ".join(f"w{index}".ljust(chars, "x") for index in range(count))
-
-
-def tokens(text: str) -> list[str]:
-    return re.findall(r"\S+\s*", text)  # how the offline model cuts its reply into deltas
-
-
-def encode(event: dict) -> str:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))  # as hub.encode
 
 
 # ---------------------------------------------------------------- the model, in its own process

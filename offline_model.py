@@ -1,4 +1,4 @@
-"""A built-in, OpenAI-compatible stand-in for /v1/responses and /v1/conversations.
+"""A built-in, OpenAI-compatible stand-in for what the service uses of /v1/responses and /v1/conversations.
 
 It speaks the real wire format (the SDK parses it with strict validation), so the service, the
 demo and the tests run the very code they would run against OpenAI, with no key and no network.
@@ -55,12 +55,17 @@ def openai_error(status_code: int, message: str, code: str | None = None, error_
     return WireJSONResponse(body, status_code=status_code, headers=headers)
 
 
-def message_item(role: str, text: str, item_id: str | None = None) -> dict:
+def message_item(role: str, text: str) -> dict:
     part_type = "output_text" if role == "assistant" else "input_text"
     part = {"type": part_type, "text": text}
     if role == "assistant":
         part |= {"annotations": [], "logprobs": []}
-    return {"id": item_id or new_id("msg"), "type": "message", "status": "completed", "role": role, "content": [part]}
+    return {"id": new_id("msg"), "type": "message", "status": "completed", "role": role, "content": [part]}
+
+
+def tokens(text: str) -> list[str]:
+    """How the model cuts a reply into deltas: word by word, each with the spaces after it."""
+    return re.findall(r"\S+\s*", text)
 
 
 def item_text(item: dict) -> str:
@@ -102,8 +107,6 @@ class OfflineModel:
         self.app = Starlette(routes=[
             Route("/v1/conversations", self.create_conversation, methods=["POST"]),
             Route("/v1/conversations/{id}", self.get_conversation, methods=["GET"]),
-            Route("/v1/conversations/{id}", self.update_conversation, methods=["POST"]),
-            Route("/v1/conversations/{id}", self.delete_conversation, methods=["DELETE"]),
             Route("/v1/conversations/{id}/items", self.add_items, methods=["POST"]),
             Route("/v1/conversations/{id}/items", self.list_items, methods=["GET"]),
             Route("/v1/responses", self.create_response, methods=["POST"]),
@@ -139,18 +142,6 @@ class OfflineModel:
     async def get_conversation(self, request: Request) -> WireJSONResponse:
         conversation = self._conversation(request)
         return WireJSONResponse(conversation.as_json()) if conversation else self._not_found(request)
-
-    async def update_conversation(self, request: Request) -> WireJSONResponse:
-        conversation = self._conversation(request)
-        if not conversation:
-            return self._not_found(request)
-        conversation.metadata = (await self._json(request)).get("metadata") or {}
-        return WireJSONResponse(conversation.as_json())
-
-    async def delete_conversation(self, request: Request) -> WireJSONResponse:
-        if not self.conversations.pop(request.path_params["id"], None):
-            return self._not_found(request)
-        return WireJSONResponse({"id": request.path_params["id"], "object": "conversation.deleted", "deleted": True})
 
     async def add_items(self, request: Request) -> WireJSONResponse:
         conversation = self._conversation(request)
@@ -260,8 +251,7 @@ class OfflineModel:
             yield frame("response.output_item.added", output_index=0, item=in_progress)
             yield frame("response.content_part.added", **where,
                         part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-            tokens = re.findall(r"\S+\s*", reply)
-            for index, token in enumerate(tokens):
+            for index, token in enumerate(tokens(reply)):
                 if fault and index == 2:
                     async for tail in self._fail_midway(frame, response, fault):
                         yield tail
