@@ -2,6 +2,9 @@
 answering from the built-in offline model."""
 
 import asyncio
+import contextlib
+import json
+import time
 from dataclasses import dataclass
 
 import httpx2
@@ -76,12 +79,30 @@ class LiveService:
         return self.app.state.offline_model
 
 
-@pytest.fixture
-async def live(app):
+@contextlib.asynccontextmanager
+async def serve_live(app, **uvicorn_config):
     """The app under a real uvicorn on 127.0.0.1 (a free port), with an HTTP client pointed at it."""
-    async with serve_on_loopback(app, lifespan="on") as url:
+    async with serve_on_loopback(app, lifespan="on", **uvicorn_config) as url:
         async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
             yield LiveService(app, url, http)
+
+
+@pytest.fixture
+async def live(app):
+    async with serve_live(app) as service:
+        yield service
+
+
+async def eventually(condition, timeout: float = 5.0) -> bool:
+    """Server-side cleanup has no event to await: poll it, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not (met := condition()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return met
+
+
+async def next_frame(ws, timeout: float = 10) -> dict:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
 def writer_tasks() -> set[asyncio.Task]:

@@ -7,16 +7,14 @@ import contextlib
 import json
 import time
 
-import httpx2
 import jwt
 import pytest
 from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from auth import JWTSettings
-from conftest import TEST_SECRET
+from conftest import TEST_SECRET, serve_live
 import main
 from main import MAX_BODY_BYTES, MAX_CONTENT_CHARS, MAX_MEMBERS, Config, create_app
-from offline_model import serve_on_loopback
 
 MISSING_THREAD = "conv_" + "0" * 48  # well formed, but the upstream has no such conversation
 SETTINGS = JWTSettings(secret=TEST_SECRET)  # the secret of conftest's `auth` fixture
@@ -400,8 +398,8 @@ async def test_concurrent_messages_never_overlap(live, auth):
 @contextlib.asynccontextmanager
 async def serving(app):
     """The app under a real uvicorn with its lifespan, and an HTTP client for it."""
-    async with serve_on_loopback(app, lifespan="on") as url, httpx2.AsyncClient(base_url=url, timeout=30) as http:
-        yield http
+    async with serve_live(app) as service:
+        yield service.http
 
 
 @pytest.mark.anyio

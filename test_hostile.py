@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from collections import Counter
 
 import pytest
@@ -16,7 +15,7 @@ from starlette.testclient import TestClient
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from conftest import writer_tasks
+from conftest import eventually, next_frame, writer_tasks
 from main import MAX_BODY_BYTES, MAX_FRAME_CHARS, parse_object
 from offline_model import FAULTS
 
@@ -178,10 +177,6 @@ async def join(live, thread: str, headers: dict):
     return ws
 
 
-async def next_frame(ws, timeout: float = TIMEOUT) -> dict:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
 async def frames_until_run_ends(ws) -> list[dict]:
     frames = [await next_frame(ws)]
     while frames[-1]["type"] not in ("run.completed", "run.failed"):
@@ -322,13 +317,6 @@ async def socket_lifetime(live, auth, cycle: int, threads: list[str], foreign: s
             return "aborted mid-run"
     await ws.close()
     return "closed mid-run" if kind == 2 else "joined and left"
-
-
-async def eventually(condition, timeout: float = 5.0) -> None:
-    """Server-side cleanup has no event to await: poll it, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("app", [0.001], indirect=True)  # token delay: slow enough to leave mid-run

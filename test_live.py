@@ -21,9 +21,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import hub as hub_module
 from auth import JWTSettings
-from conftest import TEST_SECRET, LiveService, writer_tasks
+from conftest import TEST_SECRET, eventually, next_frame, serve_live, writer_tasks
 from main import MAX_FRAME_CHARS, Config, create_app
-from offline_model import serve_on_loopback
 
 pytestmark = pytest.mark.anyio
 
@@ -40,10 +39,8 @@ async def live(tmp_path_factory):
     """One server for the module (each test works on threads of its own): starting and stopping uvicorn
     costs more than most of these tests. No delay between offline tokens: timing does not matter here."""
     config = Config(assistants_file=tmp_path_factory.mktemp("live") / "assistants.json", offline_token_delay=0.0)
-    app = create_app(config, JWTSettings(secret=TEST_SECRET))
-    async with serve_on_loopback(app, lifespan="on") as url:
-        async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
-            yield LiveService(app, url, http)
+    async with serve_live(create_app(config, JWTSettings(secret=TEST_SECRET))) as service:
+        yield service
 
 
 @pytest.fixture
@@ -87,10 +84,6 @@ def socket_url(live, thread_id: str, query: str = "") -> str:
     return f"{live.ws_url}/threads/{thread_id}/ws{query}"
 
 
-async def next_frame(ws) -> dict:
-    return json.loads(await asyncio.wait_for(ws.recv(), FRAME_TIMEOUT))
-
-
 async def frames_until(ws, last_type: str, count: int = 1) -> list[dict]:
     """Frames up to and including the `count`-th frame of type `last_type`."""
     frames = []
@@ -120,14 +113,6 @@ def check_run(frames: list[dict]) -> str:
 async def stored_replies(live, auth, thread_id: str) -> list[str]:
     messages = (await live.http.get(f"/threads/{thread_id}/messages", headers=auth("alice"))).json()
     return [message["content"] for message in messages if message["role"] == "assistant"]
-
-
-async def eventually(condition, timeout: float = 5.0) -> bool:
-    """Server-side cleanup has no event to await: poll with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not (met := condition()) and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    return met
 
 
 async def close_code(ws) -> int | None:
@@ -282,14 +267,12 @@ async def connect_without_reading(server, thread_id: str, token: str):
 
 async def test_a_socket_that_stops_reading_delays_no_one_and_is_closed_past_its_bound(make_app, auth, token, join):
     app = make_app(offline_token_delay=0.0)
-    async with serve_on_loopback(app, lifespan="on", ws=ThrottledWebSockets) as url:
-        async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
-            server = LiveService(app, url, http)
-            server.hub.max_backlog_chars = 32 * 1024  # each connection copies the bound when it joins
-            thread_id = await new_thread(server, auth)
-            readers = [await join(thread_id, token("alice"), server=server) for _ in range(3)]
-            slow = await connect_without_reading(server, thread_id, token("alice"))
-            await slow_socket_scenario(server, auth, thread_id, readers, slow)
+    async with serve_live(app, ws=ThrottledWebSockets) as server:
+        server.hub.max_backlog_chars = 32 * 1024  # each connection copies the bound when it joins
+        thread_id = await new_thread(server, auth)
+        readers = [await join(thread_id, token("alice"), server=server) for _ in range(3)]
+        slow = await connect_without_reading(server, thread_id, token("alice"))
+        await slow_socket_scenario(server, auth, thread_id, readers, slow)
 
 
 async def slow_socket_scenario(server, auth, thread_id, readers, slow):
