@@ -1,18 +1,22 @@
-"""Which sockets are on which thread, and a fan-out that never waits on any of them.
+"""Which listeners are on which thread in this process, and a fan-out that never waits on any of them.
 
-Each socket has its own bounded backlog drained by its own writer task, so `broadcast` only appends
-and returns. A socket that falls behind has its pending `text.delta` frames of one run merged into
-one (nothing is dropped); past the byte bound it is closed and removed.
+A listener is a WebSocket, an event stream (SSE) or a request waiting for its runs. Each has its own
+bounded backlog, so delivering an event only appends and returns. A listener that falls behind has
+its pending `text.delta` frames of one run merged into one (nothing is dropped); past the bound it
+is closed. The broker hands the hub each thread's events in `seq` order, from whichever process
+published them; the hub knows nothing of where they came from.
 """
 
 import asyncio
 import contextlib
-import json
+import itertools
 import logging
 from collections import deque
+from typing import AsyncIterator, Awaitable, Callable
 
 from starlette import status
-from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from broker import Broker, Event, encode
 
 log = logging.getLogger("gainz")
 
@@ -20,126 +24,234 @@ SLOW_CONSUMER_CLOSE_CODE = status.WS_1013_TRY_AGAIN_LATER
 MAX_BACKLOG_CHARS = 512 * 1024
 
 
-def encode(event: dict) -> str:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+class TooManySockets(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"at most {limit} sockets per user")
+        self.message = str(self)
+
+
+class Closed(Exception):
+    """The listener was closed; `code` says why (a WebSocket close code)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
 
 
 class Frame:
-    __slots__ = ("text", "delta_event", "merged", "size")
+    """A frame waiting in one listener's backlog; a `text.delta` one may still take in later deltas."""
 
-    def __init__(self, text: str, delta_event: dict | None):
-        self.text = text
-        self.delta_event = delta_event  # kept for text.delta frames, which may still be merged
-        self.merged: list[str] | None = None  # the deltas, once a later one was merged in
-        self.size = len(text)
+    __slots__ = ("event", "deltas", "seq", "size")
 
-    def encoded(self) -> str:
-        # Joined once, when written: appending to one string per merge would cost the square of the backlog.
-        return self.text if self.merged is None else encode(self.delta_event | {"delta": "".join(self.merged)})
+    def __init__(self, event: Event):
+        self.event = event
+        self.deltas: list[str] | None = None  # once a later delta of the same run was merged in
+        self.seq = event.seq
+        self.size = len(event.text)
+
+    @property
+    def type(self) -> str:
+        return self.event.type
+
+    @property
+    def run_id(self) -> str | None:
+        return self.event.run_id
+
+    def merge(self, event: Event) -> int:
+        if self.deltas is None:
+            self.deltas = [self.event.delta or ""]
+        self.deltas.append(event.delta or "")
+        self.seq = event.seq  # a merged delta carries its last delta's seq
+        self.size += len(event.delta or "")
+        return len(event.delta or "")
+
+    def text(self, thread_id: str) -> str:
+        if self.deltas is None:
+            return self.event.text
+        # Joined once, when sent: appending to one string per merge would cost the square of the backlog.
+        return encode({"seq": self.seq, "type": "text.delta", "thread_id": thread_id, "run_id": self.event.run_id,
+                       "delta": "".join(self.deltas)})
 
 
 class Connection:
-    """One socket on one thread: its backlog and the writer task that drains it."""
+    """One listener on one thread: its backlog, and the writer that drains it (for a socket)."""
 
-    def __init__(self, websocket: WebSocket, thread_id: str, max_backlog_chars: int):
-        self.websocket = websocket
+    def __init__(self, thread_id: str, sub: str, max_backlog_chars: int):
         self.thread_id = thread_id
+        self.sub = sub
         self.max_backlog_chars = max_backlog_chars
         self.backlog: deque[Frame] = deque()
         self.backlog_chars = 0
+        self.floor: int | None = None  # events up to this seq are covered; None: still joining, hold them
+        self.held: list[Event] = []
+        self.held_chars = 0
         self.close_code: int | None = None
+        self.writer: asyncio.Task | None = None
         self._wakeup = asyncio.Event()
-        self.endpoint = asyncio.current_task()  # serves the socket; done once the socket is closed
-        self.writer = asyncio.create_task(self._write())
 
-    def offer(self, text: str, delta_event: dict | None = None) -> bool:
-        """Queue a frame without waiting; False when the backlog is over its bound."""
+    def start(self, floor: int, first: list[Event]) -> None:
+        """Begin with `first` (thread.joined, then what the client missed); then the events after `floor`."""
+        held, self.held, self.held_chars, self.floor = self.held, [], 0, floor
+        for event in first:
+            self.send_now(event)
+        for event in held:
+            self.offer(event)
+
+    def offer(self, event: Event) -> bool:
+        """Queue a thread event without waiting, unless already covered; False when over the bound."""
         if self.close_code is not None:
             return True
+        if self.floor is None:
+            self.held.append(event)
+            self.held_chars += len(event.text)
+            return self.held_chars <= self.max_backlog_chars
+        if event.seq <= self.floor:
+            return True
+        self.floor = event.seq
+        return self.send_now(event)
+
+    def send_now(self, event: Event) -> bool:
+        """Queue a frame whatever its seq: `resync`, or an `error` for this listener alone."""
         last = self.backlog[-1] if self.backlog else None
-        if delta_event and last and last.delta_event and last.delta_event["run_id"] == delta_event["run_id"]:
-            if last.merged is None:
-                last.merged = [last.delta_event["delta"]]
-            last.merged.append(delta_event["delta"])
-            last.size += len(delta_event["delta"])
-            self.backlog_chars += len(delta_event["delta"])
+        if event.type == "text.delta" and last is not None and last.type == "text.delta" and last.run_id == event.run_id:
+            self.backlog_chars += last.merge(event)  # the writer takes a frame out before sending it
         else:
-            self.backlog.append(Frame(text, delta_event))
-            self.backlog_chars += len(text)
+            frame = Frame(event)
+            self.backlog.append(frame)
+            self.backlog_chars += frame.size
             self._wakeup.set()
         return self.backlog_chars <= self.max_backlog_chars
 
+    def note(self, event: dict) -> None:
+        """A frame for this listener alone (an `error` reply to its own bad frame)."""
+        self.send_now(Event(self.floor or 0, event["type"], None, None, encode(event)))
+
+    async def get(self, timeout: float | None = None) -> Frame | None:
+        """The next frame; None if none came within `timeout`; raises Closed once the listener is closed."""
+        while not self.backlog:
+            if self.close_code is not None:
+                raise Closed(self.close_code)
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                return None
+        frame = self.backlog.popleft()
+        self.backlog_chars -= frame.size
+        return frame
+
+    def start_writer(self, send: Callable[[str], Awaitable[None]]) -> None:
+        self.writer = asyncio.create_task(self._write(send))
+
+    async def _write(self, send: Callable[[str], Awaitable[None]]) -> None:
+        with contextlib.suppress(Closed):
+            while True:
+                frame = await self.get()
+                await send(frame.text(self.thread_id))
+
     def close(self, code: int) -> None:
-        """Stop writing, even in the middle of a send to a socket that stopped reading; the owner of
-        the socket (its endpoint) sees the writer end and sends the close frame with `code`."""
+        """Stop delivering, even in the middle of a send to a socket that stopped reading; whoever serves
+        the listener sees `get` raise Closed (or the writer end) and closes it with `code`."""
         if self.close_code is None:
             self.close_code = code
             self.backlog.clear()
             self.backlog_chars = 0
-            self.writer.cancel()
-
-    async def _write(self) -> None:
-        websocket = self.websocket
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-            while True:
-                if not self.backlog:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                frame = self.backlog.popleft()
-                self.backlog_chars -= frame.size
-                await websocket.send_text(frame.encoded())
+            self._wakeup.set()
+            if self.writer is not None:
+                self.writer.cancel()
 
 
 class Hub:
-    def __init__(self, max_backlog_chars: int = MAX_BACKLOG_CHARS):
+    def __init__(self, broker: Broker, max_backlog_chars: int = MAX_BACKLOG_CHARS):
+        self.broker = broker
         self.max_backlog_chars = max_backlog_chars
         self.threads: dict[str, set[Connection]] = {}
+        self._slots = itertools.count()
 
-    def join(self, thread_id: str, websocket: WebSocket) -> Connection:
-        connection = Connection(websocket, thread_id, self.max_backlog_chars)
-        self.threads.setdefault(thread_id, set()).add(connection)
-        return connection
+    @contextlib.asynccontextmanager
+    async def joined(self, thread_id: str, sub: str, after: int | None = None, socket_limit: int | None = None,
+                     greet: bool = True) -> AsyncIterator[Connection]:
+        """Be on the thread for the block. A socket (`socket_limit` set) takes one of the user's slots,
+        and counts in `clients`; it begins with `thread.joined` and, with `after`, every event it missed
+        (or `resync`). Other listeners begin with the next event."""
+        connection = Connection(thread_id, sub, self.max_backlog_chars)
+        slot = f"{self.broker.process_id}:{next(self._slots)}"
+        clients = None
+        if socket_limit is not None:
+            clients = await self.broker.occupy(sub, thread_id, slot, socket_limit)
+            if clients is None:
+                raise TooManySockets(socket_limit)
+        listeners = self.threads.setdefault(thread_id, set())
+        listeners.add(connection)
+        try:
+            if len(listeners) == 1:
+                await self.broker.watch(thread_id)
+            catch_up = await self.broker.catch_up(thread_id, after)
+            first = []
+            if greet:
+                first.append(Event.create(catch_up.seq, {"type": "thread.joined", "thread_id": thread_id,
+                                                         "clients": clients, "active_run": catch_up.active_run}))
+            if after is not None and catch_up.missed is None:
+                first.append(self.resync_event(thread_id, catch_up.seq))
+            first += catch_up.missed or []
+            connection.start(catch_up.seq, first)
+            yield connection
+        finally:
+            connection.close(status.WS_1000_NORMAL_CLOSURE)
+            self._remove(connection)
+            if thread_id not in self.threads:
+                with contextlib.suppress(Exception):  # the broker may be down: nothing to undo then
+                    await self.broker.unwatch(thread_id)
+            if clients is not None:
+                with contextlib.suppress(Exception):
+                    await self.broker.vacate(sub, thread_id, slot)
+            if connection.writer is not None:
+                await asyncio.wait([connection.writer])
+                if not connection.writer.cancelled() and (error := connection.writer.exception()):
+                    if not isinstance(error, OSError):
+                        log.error("writing to a socket failed", exc_info=error)
+
+    @staticmethod
+    def resync_event(thread_id: str, seq: int) -> Event:
+        return Event.create(seq, {"type": "resync", "thread_id": thread_id})
 
     def _remove(self, connection: Connection) -> None:
-        sockets = self.threads.get(connection.thread_id)
-        if sockets is not None:
-            sockets.discard(connection)
-            if not sockets:
+        listeners = self.threads.get(connection.thread_id)
+        if listeners is not None:
+            listeners.discard(connection)
+            if not listeners:
                 del self.threads[connection.thread_id]
 
-    async def leave(self, connection: Connection) -> None:
-        """Forget the socket and stop its writer."""
-        self._remove(connection)
-        connection.writer.cancel()
-        await asyncio.wait([connection.writer])
-        if not connection.writer.cancelled() and (error := connection.writer.exception()):
-            log.error("writing to a socket failed", exc_info=error)
+    def deliver(self, thread_id: str, events: list[Event]) -> None:
+        """The broker's events for the thread, in seq order, to every listener on it."""
+        for connection in tuple(self.threads.get(thread_id, ())):
+            for event in events:
+                if not connection.offer(event):
+                    self.drop(connection, SLOW_CONSUMER_CLOSE_CODE)
+                    break
 
-    def clients(self, thread_id: str) -> int:
-        return len(self.threads.get(thread_id, ()))
-
-    def send(self, connection: Connection, event: dict) -> None:
-        if not connection.offer(encode(event)):
-            self.drop(connection, SLOW_CONSUMER_CLOSE_CODE)
-
-    def broadcast(self, thread_id: str, event: dict) -> None:
-        sockets = self.threads.get(thread_id)
-        if not sockets:
-            return
-        text = encode(event)
-        delta_event = event if event["type"] == "text.delta" else None
-        for connection in tuple(sockets):
-            if not connection.offer(text, delta_event):
-                self.drop(connection, SLOW_CONSUMER_CLOSE_CODE)
+    def resync(self, thread_id: str, seq: int) -> None:
+        """Events of the thread up to `seq` were lost on the way (the broker was down): every listener
+        is told to reload, then gets the events after `seq`."""
+        event = self.resync_event(thread_id, seq)
+        for connection in tuple(self.threads.get(thread_id, ())):
+            if connection.floor is not None:
+                connection.floor = max(connection.floor, seq)
+                connection.send_now(event)
 
     def drop(self, connection: Connection, code: int) -> None:
         connection.close(code)
         self._remove(connection)
 
+    def close_thread(self, thread_id: str, code: int, subs: set[str] | None = None) -> None:
+        """Close the thread's listeners (only those of `subs`, if given) with `code`."""
+        for connection in tuple(self.threads.get(thread_id, ())):
+            if subs is None or connection.sub in subs:
+                self.drop(connection, code)
+
     def close_all(self, code: int) -> list[asyncio.Task]:
-        """Close every socket with `code`; returns the tasks serving them, done once each is closed."""
-        connections = [connection for sockets in self.threads.values() for connection in sockets]
+        """Close every listener with `code`; returns the writer tasks, done once each has stopped."""
+        connections = [connection for listeners in self.threads.values() for connection in listeners]
         for connection in connections:
             self.drop(connection, code)
-        return [connection.endpoint for connection in connections]
+        return [connection.writer for connection in connections if connection.writer is not None]

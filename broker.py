@@ -1,0 +1,246 @@
+"""The crossing between processes: what every process serving the service must share, live.
+
+- Thread events: `publish` gives each one the thread's next `seq`, keeps it in the thread's log of
+  recent events (for clients that resume) and hands it, in `seq` order, to every process watching the
+  thread, this one included (through `deliver`).
+- The run in progress on each thread, so that a client joining mid-reply gets the text so far.
+- Slots: the sockets open per user and per thread, counted across processes.
+- Signals: small messages to every process (cancel a run, a thread deleted, members removed).
+
+`memory://` keeps all of it in this process: the default, for one process. `redis://` shares it
+through Redis (see `redis_broker.py`), for several processes or hosts. Both have this interface.
+"""
+
+import json
+import os
+import socket
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+TERMINAL = ("run.completed", "run.failed", "run.cancelled")
+
+
+def encode(event: dict) -> str:
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+
+
+def seq_birth() -> int:
+    """Where a thread's `seq` starts when its counter is (re)created: the clock in microseconds. A
+    counter that was lost (Redis restarted, or the log expired) starts again above every number it
+    gave out before, since no thread emits a million events a second; so a `seq` is never reused
+    and a client holding an old one is told to resync, never shown someone else's events."""
+    return time.time_ns() // 1000
+
+
+class Event:
+    """One thread event, encoded once, as every listener receives it; `seq` first."""
+
+    __slots__ = ("seq", "type", "run_id", "delta", "text")
+
+    def __init__(self, seq: int, type: str, run_id: str | None, delta: str | None, text: str):
+        self.seq, self.type, self.run_id, self.delta, self.text = seq, type, run_id, delta, text
+
+    @classmethod
+    def create(cls, seq: int, event: dict, tail: str | None = None) -> "Event":
+        """`tail` is the event encoded without its opening brace (when already at hand)."""
+        tail = tail if tail is not None else encode(event)[1:]
+        return cls(seq, event["type"], event.get("run_id"), event.get("delta"), f'{{"seq":{seq},{tail}')
+
+    @classmethod
+    def from_text(cls, text: str) -> "Event":
+        event = json.loads(text)
+        return cls(event["seq"], event["type"], event.get("run_id"), event.get("delta"), text)
+
+    def fields(self) -> dict:
+        return json.loads(self.text)
+
+
+class BrokerUnavailable(Exception):
+    """The shared broker (Redis) does not answer: live events cannot be joined right now."""
+
+    message = "live events are unavailable right now; try again shortly"
+
+
+@dataclass
+class CatchUp:
+    """What a listener joining a thread needs: the latest `seq`, the run in progress (or None), and the
+    events after the `after` it asked for, or None when they are no longer all kept (resync)."""
+
+    seq: int
+    active_run: dict | None
+    missed: list[Event] | None
+
+
+@dataclass(frozen=True)
+class ResumeWindow:
+    events_per_thread: int = 2000  # the last N events of each thread are kept ...
+    seconds: float = 300.0  # ... until this long after the thread's last event
+    events_in_all: int = 200_000  # memory:// only: past this, the threads idle longest lose theirs first
+
+
+class Broker(Protocol):
+    process_id: str
+
+    async def open(self, deliver: Callable[[str, list[Event]], None], on_signal: Callable[[dict], None],
+                   resync: Callable[[str, int], None]) -> None: ...
+    async def close(self) -> None: ...
+    def publish(self, thread_id: str, event: dict) -> None: ...
+    def signal(self, message: dict) -> None: ...
+    async def watch(self, thread_id: str) -> None: ...
+    async def unwatch(self, thread_id: str) -> None: ...
+    async def catch_up(self, thread_id: str, after: int | None) -> CatchUp: ...
+    async def occupy(self, sub: str, thread_id: str, slot: str, limit: int) -> int | None: ...
+    async def vacate(self, sub: str, thread_id: str, slot: str) -> None: ...
+    async def claim_once(self, name: str, seconds: float) -> bool: ...
+    def shared_across_processes(self) -> bool: ...
+
+
+def new_process_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+class ActiveRun:
+    __slots__ = ("run_id", "assistant", "parts")
+
+    def __init__(self, run_id: str, assistant: dict):
+        self.run_id, self.assistant, self.parts = run_id, assistant, []
+
+    def as_json(self) -> dict:
+        return {"run_id": self.run_id, "assistant": self.assistant, "text": "".join(self.parts)}
+
+
+def follow_active_run(active: ActiveRun | None, event: dict) -> ActiveRun | None:
+    """The run in progress on a thread, after `event`."""
+    kind = event["type"]
+    if kind == "run.started":
+        return ActiveRun(event["run_id"], event["assistant"])
+    if active is not None and event.get("run_id") == active.run_id:
+        if kind == "text.delta":
+            active.parts.append(event["delta"])
+        elif kind in TERMINAL:
+            return None
+    return active
+
+
+class ThreadLog:
+    __slots__ = ("seq", "events", "active", "last_event_at")
+
+    def __init__(self):
+        self.seq = seq_birth()
+        self.events: deque[tuple[float, Event]] = deque()
+        self.active: ActiveRun | None = None
+        self.last_event_at = time.monotonic()
+
+
+class MemoryBroker:
+    """Everything in this process: right for one process, and refused at start-up for several."""
+
+    def __init__(self, window: ResumeWindow = ResumeWindow()):
+        self.window = window
+        self.process_id = new_process_id()
+        self.logs: OrderedDict[str, ThreadLog] = OrderedDict()  # least recently active first
+        self.logged = 0
+        self.slots: dict[str, set[str]] = {}
+        self._deliver: Callable[[str, list[Event]], None] = lambda thread_id, events: None
+        self._on_signal: Callable[[dict], None] = lambda message: None
+
+    async def open(self, deliver, on_signal, resync) -> None:
+        self._deliver, self._on_signal = deliver, on_signal  # nothing is ever lost on the way: no resync
+
+    async def close(self) -> None:
+        self.logs.clear()
+
+    def shared_across_processes(self) -> bool:
+        return False
+
+    def _log(self, thread_id: str) -> ThreadLog:
+        log = self.logs.get(thread_id)
+        if log is None or time.monotonic() - log.last_event_at > self.window.seconds:
+            if log is not None:
+                self.logged -= len(log.events)
+            log = self.logs[thread_id] = ThreadLog()
+        self.logs.move_to_end(thread_id)
+        return log
+
+    def publish(self, thread_id: str, event: dict) -> None:
+        log = self._log(thread_id)
+        log.seq += 1
+        logged = Event.create(log.seq, event)
+        now = log.last_event_at = time.monotonic()
+        log.events.append((now, logged))
+        self.logged += 1
+        if len(log.events) > self.window.events_per_thread:
+            log.events.popleft()
+            self.logged -= 1
+        log.active = follow_active_run(log.active, event)
+        self._trim(now)
+        self._deliver(thread_id, [logged])
+
+    def _trim(self, now: float) -> None:
+        """Drop the logs of threads idle past the window, then, over the bound in all, the idlest ones."""
+        while self.logs:
+            thread_id, log = next(iter(self.logs.items()))
+            idle = now - log.last_event_at > self.window.seconds
+            if not idle and self.logged <= self.window.events_in_all:
+                return
+            if log.active is not None and not idle:
+                # A run in progress keeps its thread's counter: only its old events go.
+                self.logged -= len(log.events)
+                log.events.clear()
+                self.logs.move_to_end(thread_id)
+                if self.logged > self.window.events_in_all:
+                    continue
+                return
+            self.logged -= len(log.events)
+            del self.logs[thread_id]
+
+    def signal(self, message: dict) -> None:
+        self._on_signal(message)
+
+    async def watch(self, thread_id: str) -> None: ...
+
+    async def unwatch(self, thread_id: str) -> None: ...
+
+    async def catch_up(self, thread_id: str, after: int | None) -> CatchUp:
+        log = self._log(thread_id)
+        active = log.active.as_json() if log.active else None
+        if after is None or after == log.seq:
+            return CatchUp(log.seq, active, [] if after is not None else None)
+        first = log.events[0][1].seq if log.events else log.seq + 1
+        if not first - 1 <= after < log.seq:
+            return CatchUp(log.seq, active, None)
+        return CatchUp(log.seq, active, [event for _, event in log.events if event.seq > after])
+
+    async def occupy(self, sub: str, thread_id: str, slot: str, limit: int) -> int | None:
+        mine = self.slots.setdefault(f"user:{sub}", set())
+        if len(mine) >= limit:
+            return None
+        mine.add(slot)
+        on_thread = self.slots.setdefault(f"thread:{thread_id}", set())
+        on_thread.add(slot)
+        return len(on_thread)
+
+    async def vacate(self, sub: str, thread_id: str, slot: str) -> None:
+        for key in (f"user:{sub}", f"thread:{thread_id}"):
+            slots = self.slots.get(key)
+            if slots is not None:
+                slots.discard(slot)
+                if not slots:
+                    del self.slots[key]
+
+    async def claim_once(self, name: str, seconds: float) -> bool:
+        return True
+
+
+def broker_for(url: str, window: ResumeWindow = ResumeWindow(), prefix: str = "gainz:") -> Broker:
+    """`memory://` (the default) or `redis://...` / `rediss://...`; `prefix` starts every Redis key and
+    channel, so that several services (or tests) can share one Redis."""
+    if url in ("", "memory://"):
+        return MemoryBroker(window)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from redis_broker import RedisBroker  # the redis package is only needed with a redis:// URL
+
+        return RedisBroker(url, window, prefix)
+    raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {url!r}")

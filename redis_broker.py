@@ -1,0 +1,410 @@
+"""The broker through Redis (`REDIS_URL=redis://...`), for several processes or hosts: see broker.py.
+
+Per thread, Redis holds a counter (the thread's `seq`), a Stream of its recent events (the log clients
+resume from, capped at RESUME_EVENTS entries, each entry's id its `seq`) and the run in progress; all
+expire RESUME_SECONDS after the thread's last event. A Lua script does all of it per event, then
+PUBLISHes the event on the thread's channel, so `seq` order is publication order. A Stream rather
+than a list or a sorted set: it reads a range by id (`XRANGE (after +`) and trims itself on append.
+
+Every process watching a thread subscribes to its channel and hands the hub its events in `seq`
+order: its own come back from the script at once (one round trip, not two), the others' through
+pub/sub. An event that arrives ahead of its turn waits a moment for the ones before it, which are
+then read from the Stream, or, if Redis lost them, replaced by a `resync`. Sockets count in sorted
+sets that expire unless their process renews them, so a process that dies frees its users' slots.
+Keys are built inside the scripts: one Redis (or a Sentinel pair), not a Redis Cluster.
+"""
+
+import asyncio
+import contextlib
+import heapq
+import json
+import logging
+from collections import deque
+from typing import Callable
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from broker import BrokerUnavailable, CatchUp, Event, ResumeWindow, encode, new_process_id
+
+log = logging.getLogger("gainz")
+
+PREFIX = "gainz:"
+BATCH = 512  # events per script call
+MAX_PENDING = 50_000  # events waiting for Redis while it is away; past it the oldest are dropped
+GAP_WAIT = 0.2  # seconds an event waits for the ones before it, from another process, before asking the Stream
+SLOT_SECONDS = 30  # a socket's slot lasts this long unless its process renews it...
+SLOT_RENEW_SECONDS = 10  # ... which it does this often
+RECONNECT_CHECK_SECONDS = 1
+
+PUBLISH = """
+local prefix, ttl, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local seqs = {}
+for i = 4, #ARGV, 5 do
+  local thread, kind, run, extra, tail = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local key = prefix .. 't:' .. thread
+  local seq_key, log_key, run_key, text_key = key .. ':seq', key .. ':log', key .. ':run', key .. ':text'
+  if redis.call('EXISTS', seq_key) == 0 then  -- born at the clock in microseconds: see broker.seq_birth
+    local now = redis.call('TIME')
+    redis.call('SET', seq_key, string.format('%.0f', now[1] * 1000000 + now[2]))
+  end
+  local seq = string.format('%.0f', redis.call('INCR', seq_key))  -- %.0f: exact digits, no exponent
+  local text = '{"seq":' .. seq .. ',' .. tail
+  redis.call('XADD', log_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', text)
+  if kind == 'run.started' then
+    redis.call('HSET', run_key, 'run_id', run, 'assistant', extra)
+    redis.call('SET', text_key, '')
+  elseif kind == 'text.delta' then
+    redis.call('APPEND', text_key, extra)
+  elseif kind == 'run.completed' or kind == 'run.failed' or kind == 'run.cancelled' then
+    if redis.call('HGET', run_key, 'run_id') == run then redis.call('DEL', run_key, text_key) end
+  end
+  for _, k in ipairs({seq_key, log_key, run_key, text_key}) do redis.call('PEXPIRE', k, ttl) end
+  redis.call('PUBLISH', key, text)
+  seqs[#seqs + 1] = seq
+end
+return seqs
+"""
+
+SNAPSHOT = """
+local key, after = ARGV[1] .. 't:' .. ARGV[2], ARGV[3]
+local seq_key = key .. ':seq'
+if redis.call('EXISTS', seq_key) == 0 then
+  local now = redis.call('TIME')
+  redis.call('SET', seq_key, string.format('%.0f', now[1] * 1000000 + now[2]), 'PX', ARGV[4])
+end
+local run = redis.call('HMGET', key .. ':run', 'run_id', 'assistant')
+local missed = {}
+if after ~= '' then missed = redis.call('XRANGE', key .. ':log', '(' .. after .. '-0', '+') end
+return {redis.call('GET', seq_key), run[1] or '', run[2] or '', redis.call('GET', key .. ':text') or '', missed}
+"""
+
+OCCUPY = """
+local user_key, thread_key, slot, limit, seconds = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = redis.call('TIME')
+now = now[1] + now[2] / 1000000
+redis.call('ZREMRANGEBYSCORE', user_key, '-inf', now)
+redis.call('ZREMRANGEBYSCORE', thread_key, '-inf', now)
+if redis.call('ZCARD', user_key) >= limit then return -1 end
+redis.call('ZADD', user_key, now + seconds, slot)
+redis.call('ZADD', thread_key, now + seconds, slot)
+redis.call('EXPIRE', user_key, seconds)
+redis.call('EXPIRE', thread_key, seconds)
+return redis.call('ZCARD', thread_key)
+"""
+
+RENEW = """
+local now = redis.call('TIME')
+local until_ = now[1] + now[2] / 1000000 + tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', ARGV[i], until_, ARGV[i + 1])
+  redis.call('EXPIRE', ARGV[i], tonumber(ARGV[1]))
+end
+return 1
+"""
+
+
+class Follow:
+    """This process's reading of one thread: the last seq handed on, and what came ahead of its turn."""
+
+    __slots__ = ("expected", "held", "seqs_held", "gap_check")
+
+    def __init__(self):
+        self.expected: int | None = None  # None until the first listener's catch-up says where we are
+        self.held: list[tuple[int, Event]] = []
+        self.seqs_held: set[int] = set()
+        self.gap_check: asyncio.TimerHandle | None = None
+
+
+class RedisBroker:
+    def __init__(self, url: str, window: ResumeWindow = ResumeWindow(), prefix: str = PREFIX):
+        self.url, self.window, self.prefix = url, window, prefix
+        self.process_id = new_process_id()
+        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2,
+                                          health_check_interval=10)
+        self.pubsub = self.redis.pubsub()
+        self._publish = self.redis.register_script(PUBLISH)
+        self._snapshot = self.redis.register_script(SNAPSHOT)
+        self._occupy = self.redis.register_script(OCCUPY)
+        self._renew = self.redis.register_script(RENEW)
+        self.pending: deque[tuple[str, dict, str]] = deque()
+        self.lost_threads: set[str] = set()  # their pending events were dropped: they get a resync
+        self.follows: dict[str, Follow] = {}
+        self.slots: dict[str, tuple[str, str]] = {}  # slot -> (user key, thread key)
+        self.healthy = True
+        self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once Redis says it is subscribed
+        self._background: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._deliver: Callable[[str, list[Event]], None] = lambda thread_id, events: None
+        self._on_signal: Callable[[dict], None] = lambda message: None
+        self._resync: Callable[[str, int], None] = lambda thread_id, seq: None
+
+    def shared_across_processes(self) -> bool:
+        return True
+
+    def _thread_key(self, thread_id: str) -> str:
+        return f"{self.prefix}t:{thread_id}"
+
+    async def open(self, deliver, on_signal, resync) -> None:
+        self._deliver, self._on_signal, self._resync = deliver, on_signal, resync
+        try:
+            await self.redis.ping()
+            await self.pubsub.subscribe(self.prefix + "signals")
+        except RedisError as error:
+            raise RuntimeError(f"REDIS_URL: cannot reach Redis ({error})") from None
+        self._tasks = [asyncio.create_task(task) for task in (self._publisher(), self._reader(), self._renewer())]
+
+    async def close(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):  # what is still waiting to be published, while Redis answers
+                while self.pending and self.healthy:
+                    await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            for slot, (user_key, thread_key) in self.slots.items():
+                await self.redis.zrem(user_key, slot)
+                await self.redis.zrem(thread_key, slot)
+        with contextlib.suppress(RedisError, OSError, RuntimeError):
+            await self.pubsub.aclose()
+        await self.redis.aclose()
+
+    # ------------------------------------------------------------ publishing
+
+    def publish(self, thread_id: str, event: dict) -> None:
+        self.pending.append((thread_id, event, encode(event)[1:]))
+        if len(self.pending) > MAX_PENDING:
+            self.lost_threads.add(self.pending.popleft()[0])
+        self._wakeup.set()
+
+    async def _publisher(self) -> None:
+        delay = 0.05
+        while True:
+            if not self.pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            for thread_id in list(self.lost_threads):
+                self.pending.appendleft((thread_id, {"type": "resync", "thread_id": thread_id},
+                                         encode({"type": "resync", "thread_id": thread_id})[1:]))
+                self.lost_threads.discard(thread_id)
+            batch = [self.pending[index] for index in range(min(BATCH, len(self.pending)))]
+            args = [self.prefix, int(self.window.seconds * 1000), self.window.events_per_thread]
+            for thread_id, event, tail in batch:
+                kind = event["type"]
+                extra = (event.get("delta") if kind == "text.delta"
+                         else encode(event["assistant"]) if kind == "run.started" else "")
+                args += [thread_id, kind, event.get("run_id") or "", extra, tail]
+            try:
+                seqs = await self._publish(args=args)
+            except (RedisError, OSError) as error:
+                self._unhealthy("publishing", error)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+                continue
+            delay = 0.05
+            for _ in batch:
+                self.pending.popleft()
+            by_thread: dict[str, list[Event]] = {}
+            for (thread_id, event, tail), seq in zip(batch, seqs):
+                by_thread.setdefault(thread_id, []).append(Event.create(int(seq), event, tail))
+            for thread_id, events in by_thread.items():
+                self._receive(thread_id, events)
+
+    def signal(self, message: dict) -> None:
+        self._on_signal(message)  # this process at once, the others through Redis
+        text = json.dumps(message | {"origin": self.process_id})
+        task = asyncio.create_task(self.redis.publish(self.prefix + "signals", text))
+        self._background.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._unhealthy("sending a signal", task.exception())
+
+    # ------------------------------------------------------------ receiving, in seq order
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                message = await self.pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as error:
+                self._unhealthy("reading events", error)
+                await asyncio.sleep(RECONNECT_CHECK_SECONDS)
+                continue
+            if not self.healthy:
+                await self._recover()
+            if message is None:
+                continue
+            if message["type"] == "subscribe" and message["channel"] in self._confirmed:
+                self._confirmed[message["channel"]].set()
+            if message["type"] != "message":
+                continue
+            channel, data = message["channel"], message["data"]
+            if channel == self.prefix + "signals":
+                signal = json.loads(data)
+                if signal.pop("origin", None) != self.process_id:
+                    self._on_signal(signal)
+                continue
+            thread_id = channel.removeprefix(self.prefix + "t:")
+            follow = self.follows.get(thread_id)
+            # Parse only what is new: the seq leads the text, and this process's own events come back too.
+            seq = int(data[7:data.index(",")])
+            if follow is not None and (follow.expected is None or seq > follow.expected):
+                self._receive(thread_id, [Event.from_text(data)])
+
+    def _receive(self, thread_id: str, events: list[Event]) -> None:
+        follow = self.follows.get(thread_id)
+        if follow is None:
+            return
+        for event in events:
+            if (follow.expected is None or event.seq > follow.expected) and event.seq not in follow.seqs_held:
+                heapq.heappush(follow.held, (event.seq, event))
+                follow.seqs_held.add(event.seq)
+        self._hand_on(thread_id, follow)
+
+    def _hand_on(self, thread_id: str, follow: Follow) -> None:
+        if follow.expected is None:
+            return
+        ready = []
+        while follow.held and follow.held[0][0] <= follow.expected + 1:
+            seq, event = heapq.heappop(follow.held)
+            follow.seqs_held.discard(seq)
+            if seq == follow.expected + 1:
+                ready.append(event)
+                follow.expected = seq
+        if ready:
+            self._deliver(thread_id, ready)
+        if follow.held and follow.gap_check is None:
+            follow.gap_check = asyncio.get_running_loop().call_later(
+                GAP_WAIT, lambda: self._in_background(self._fill_gap(thread_id, follow)))
+
+    def _in_background(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _fill_gap(self, thread_id: str, follow: Follow) -> None:
+        """Events came ahead of their turn and the ones before them did not come: read those from the
+        Stream; if Redis no longer has them, tell the listeners to resync and go on from there."""
+        follow.gap_check = None
+        if self.follows.get(thread_id) is not follow or not follow.held or follow.expected is None:
+            return
+        first_held = follow.held[0][0]
+        try:
+            entries = await self.redis.xrange(self._thread_key(thread_id) + ":log", f"{follow.expected + 1}-0",
+                                              f"{first_held - 1}-0")
+        except (RedisError, OSError) as error:
+            self._unhealthy("reading the event log", error)
+            entries = []
+        missed = [Event.from_text(fields["e"]) for _, fields in entries]
+        if [event.seq for event in missed] != list(range(follow.expected + 1, first_held)):
+            self._resync(thread_id, first_held - 1)
+            follow.expected = first_held - 1
+            missed = []
+        self._receive(thread_id, missed)
+
+    def _unhealthy(self, doing: str, error: BaseException | None) -> None:
+        if self.healthy:
+            log.warning("Redis is unreachable (%s: %s); live events wait for it, runs go on", doing, error)
+        self.healthy = False
+
+    async def _recover(self) -> None:
+        """Redis answers again: every watched thread checks what it missed meanwhile."""
+        self.healthy = True
+        log.warning("Redis is back: catching up the threads this process follows")
+        for thread_id, follow in list(self.follows.items()):
+            with contextlib.suppress(RedisError, OSError):
+                catch_up = await self.catch_up(thread_id, follow.expected)
+                if self.follows.get(thread_id) is not follow:
+                    continue
+                if catch_up.missed is None and follow.expected is not None:
+                    self._resync(thread_id, catch_up.seq)
+                    follow.expected = catch_up.seq
+                self._receive(thread_id, catch_up.missed or [])
+
+    # ------------------------------------------------------------ watching and catching up
+
+    async def watch(self, thread_id: str) -> None:
+        """Subscribe to the thread's channel, and wait until Redis has: the catch-up that follows must not
+        miss an event published in between."""
+        if thread_id in self.follows:
+            return
+        self.follows[thread_id] = Follow()
+        channel = self._thread_key(thread_id)
+        confirmed = self._confirmed[channel] = asyncio.Event()
+        try:
+            await self.pubsub.subscribe(channel)
+            async with asyncio.timeout(5):
+                await confirmed.wait()
+        except (RedisError, OSError, TimeoutError) as error:
+            self._unhealthy("subscribing", error)
+            raise BrokerUnavailable() from None
+        finally:
+            self._confirmed.pop(channel, None)
+
+    async def unwatch(self, thread_id: str) -> None:
+        follow = self.follows.pop(thread_id, None)
+        if follow is not None:
+            if follow.gap_check is not None:
+                follow.gap_check.cancel()
+            await self.pubsub.unsubscribe(self._thread_key(thread_id))
+
+    async def catch_up(self, thread_id: str, after: int | None) -> CatchUp:
+        try:
+            seq, run_id, assistant, text, entries = await self._snapshot(args=[
+                self.prefix, thread_id, "" if after is None else str(after), int(self.window.seconds * 1000)])
+        except (RedisError, OSError) as error:
+            self._unhealthy("catching up", error)
+            raise BrokerUnavailable() from None
+        seq = int(seq)
+        active = {"run_id": run_id, "assistant": json.loads(assistant), "text": text} if run_id else None
+        follow = self.follows.get(thread_id)
+        if follow is not None and follow.expected is None:
+            follow.expected = seq
+            self._receive(thread_id, [])
+        if after is None:
+            return CatchUp(seq, active, None)
+        missed = [Event.from_text(fields[1]) for _, fields in entries]  # raw from the script: [id, ["e", text]]
+        if after > seq or [event.seq for event in missed] != list(range(after + 1, seq + 1)):
+            # What was missed is only partly kept (or the client's seq is from before a restart of Redis).
+            return CatchUp(seq, active, None)
+        return CatchUp(seq, active, missed)
+
+    # ------------------------------------------------------------ sockets
+
+    async def occupy(self, sub: str, thread_id: str, slot: str, limit: int) -> int | None:
+        user_key, thread_key = f"{self.prefix}sockets:user:{sub}", f"{self.prefix}sockets:thread:{thread_id}"
+        try:
+            clients = await self._occupy(args=[user_key, thread_key, slot, limit, SLOT_SECONDS])
+        except (RedisError, OSError) as error:
+            self._unhealthy("counting sockets", error)
+            raise BrokerUnavailable() from None
+        if clients < 0:
+            return None
+        self.slots[slot] = (user_key, thread_key)
+        return clients
+
+    async def vacate(self, sub: str, thread_id: str, slot: str) -> None:
+        keys = self.slots.pop(slot, None)
+        if keys is not None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zrem(key, slot)
+                await pipe.execute()
+
+    async def _renewer(self) -> None:
+        while True:
+            await asyncio.sleep(SLOT_RENEW_SECONDS)
+            args: list = [SLOT_SECONDS]
+            for slot, (user_key, thread_key) in list(self.slots.items()):
+                args += [user_key, slot, thread_key, slot]
+            if len(args) > 1:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._renew(args=args)
+
+    async def claim_once(self, name: str, seconds: float) -> bool:
+        return bool(await self.redis.set(f"{self.prefix}once:{name}", self.process_id, nx=True, ex=max(1, int(seconds))))
+
