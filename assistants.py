@@ -1,37 +1,32 @@
-"""The OpenAI helper: assistants, threads, messages and streamed runs on Responses + Conversations.
+"""The OpenAI helper: runs assistants on threads with the Responses API, streamed, with event handlers.
 
-The vocabulary is the Assistants API's; the calls are today's: an assistant is configuration this
-service keeps (name, model, instructions, sent on every call), a thread is a Conversation, a message
-is a conversation item, and a run is one streamed Response on the conversation.
+An assistant is configuration the service keeps (name, model, instructions). A thread and its
+messages live in the service's own store. A run sends the thread's history as `input` to
+`responses.create(stream=True)` and turns the stream into the service's events. Runs wait in the
+store, so none is lost when a process stops; on each thread one process at a time (the one holding
+the thread's lease in the store) runs them, in arrival order.
 """
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import re
-import secrets
-import tempfile
-import time
-from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import Callable
 
 import openai
-from starlette import status
+
+from store import Assistant, LeaseLost, NotFound, Run, Store, Submission
 
 log = logging.getLogger("gainz")
 
-THREAD_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
-LOCKED_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
-CACHE_SIZE = 10_000
+ATTRIBUTION_NOTE = (
+    "This conversation may be shared by several people and assistants. A message from a person starts "
+    "with their user id in brackets, like [alice]. A reply from another assistant starts with its name, "
+    "like [assistant poet]. Your own earlier replies carry no label; never add one to your reply.")
+HISTORY_MESSAGES = 1000  # read at most this many of the latest messages; the context budget cuts further
 
 
 class UpstreamError(Exception):
-    """The upstream refused or failed; `status_code` is what the HTTP layer answers."""
-
-    status_code = status.HTTP_502_BAD_GATEWAY
+    """The upstream refused or failed (502); `message` is for a person and never holds upstream text."""
 
     def __init__(self, code: str, message: str, retry_after: float | None = None):
         super().__init__(message)
@@ -42,21 +37,21 @@ class UpstreamError(Exception):
 
 
 class UpstreamRateLimited(UpstreamError):
-    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    """503: the upstream is rate limiting."""
 
 
 class UpstreamTimeout(UpstreamError):
-    status_code = status.HTTP_504_GATEWAY_TIMEOUT
+    """504: the upstream took too long."""
 
 
-class NotFound(LookupError):
-    def __init__(self, detail: str):
-        super().__init__(detail)
-        self.detail = detail
+class ServiceStopping(Exception):
+    message = "the service is shutting down; try again shortly"
 
 
-class RunQueueFull(Exception):
-    retry_after = 1
+def stored_failure(error: dict) -> UpstreamError:
+    """The error a failed run recorded, as the kind it was raised as."""
+    kind = {"timeout": UpstreamTimeout, "rate_limited": UpstreamRateLimited}.get(error["code"], UpstreamError)
+    return kind(error["code"], error["message"])
 
 
 def retry_after_seconds(headers) -> float | None:
@@ -69,14 +64,18 @@ def retry_after_seconds(headers) -> float | None:
 
 
 def upstream_error(error: Exception) -> UpstreamError:
-    """Map an SDK exception to one of the three errors the HTTP layer knows. The upstream's own text
-    is logged, never passed on: it can quote the service's key or other internals."""
+    """Map an SDK exception to the errors the service reports. The upstream's own text goes to the
+    log with its cause, never to a client: it can quote the key or other internals."""
     if isinstance(error, openai.APITimeoutError):
+        log.warning("upstream timed out: %r", error.__cause__ or error)
         return UpstreamTimeout("timeout", "the upstream timed out")
     if isinstance(error, openai.APIConnectionError):
+        log.warning("upstream unreachable: %r", error.__cause__ or error)
         return UpstreamError("connection_error", "the connection to the upstream failed")
-    if isinstance(error, openai.APIError):
-        log.warning("upstream error %s: %s", error.code, error.message)
+    if isinstance(error, openai.APIStatusError):
+        log.warning("upstream answered %s (%s): %s", error.status_code, error.code, error.message)
+    elif isinstance(error, openai.APIError):
+        log.warning("upstream sent an error event (%s): %s", error.code, error.message)
     if isinstance(error, openai.RateLimitError) and error.code != "insufficient_quota":
         return UpstreamRateLimited("rate_limited", "the upstream is rate limiting",
                                    retry_after=retry_after_seconds(error.response.headers))
@@ -103,343 +102,287 @@ def clean_text(text: str) -> str:
     return text.encode("utf-8", "replace").decode()
 
 
-@dataclass(frozen=True)
-class Assistant:
-    id: str
-    name: str
-    model: str
-    instructions: str
-    created_at: int
-
-    def as_json(self) -> dict:
-        return asdict(self)
-
-    def ref(self) -> dict:
-        return {"id": self.id, "name": self.name}
-
-
-@dataclass(frozen=True)
-class Thread:
-    id: str
-    owner: str
-    members: tuple[str, ...]
-    created_at: int
-
-    def visible_to(self, sub: str) -> bool:
-        return sub == self.owner or sub in self.members
-
-    def as_json(self) -> dict:
-        return {"id": self.id, "owner": self.owner, "members": list(self.members), "created_at": self.created_at}
-
-
-@dataclass
-class Turn:
-    """What one request on a thread produced: the user's message (if any), replies, failed runs."""
-
-    message: dict | None = None
-    replies: list[dict] = field(default_factory=list)
-    failures: list[tuple[Assistant, UpstreamError]] = field(default_factory=list)
-
-    @property
-    def errors(self) -> list[dict]:
-        return [{"assistant": assistant.ref()} | error.as_json() for assistant, error in self.failures]
-
-
-class AssistantStore:
-    """Assistants by id and by name, kept in a JSON file that is replaced atomically on every change."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._by_id: dict[str, Assistant] = {}
-        self._save_lock = asyncio.Lock()
-        if path.exists():
-            try:
-                records = json.loads(path.read_text())
-                for record in records:
-                    assistant = Assistant(**record)
-                    self._by_id[assistant.id] = assistant
-            except (ValueError, TypeError) as error:
-                raise RuntimeError(f"{path} is not a valid assistants file ({error}); fix or remove it") from error
-
-    def list(self) -> list[Assistant]:
-        return sorted(self._by_id.values(), key=lambda assistant: (assistant.created_at, assistant.name))
-
-    def _named(self, name: str) -> Assistant | None:
-        return next((assistant for assistant in self._by_id.values() if assistant.name == name), None)
-
-    def get(self, id_or_name: str) -> Assistant:
-        found = self._by_id.get(id_or_name) or self._named(id_or_name)
-        if found is None:
-            raise NotFound(f"unknown assistant: {id_or_name!r}")
-        return found
-
-    async def create_or_load(self, name: str, model: str, instructions: str) -> tuple[Assistant, bool]:
-        """The assistant called `name`, created if new; an existing one is returned unchanged."""
-        if existing := self._named(name):
-            return existing, False
-        assistant = Assistant(f"asst_{secrets.token_hex(12)}", name, model, instructions, int(time.time()))
-        self._by_id[assistant.id] = assistant
-        await self._save()
-        return assistant, True
-
-    async def _save(self) -> None:
-        async with self._save_lock:
-            text = json.dumps([assistant.as_json() for assistant in self.list()], indent=2)
-            await asyncio.to_thread(self._write_atomically, text)
-
-    def _write_atomically(self, text: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=self.path.name, delete=False) as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(file.name, self.path)
-
-
 class RunEventHandler:
     """Hooks a run calls while it streams, in this order; override the ones you need."""
 
     async def on_message_created(self, thread_id: str, message: dict) -> None: ...
 
-    async def on_run_started(self, thread_id: str, run_id: str, assistant: Assistant) -> None: ...
+    async def on_run_started(self, thread_id: str, run_id: str, assistant: dict) -> None: ...
 
     async def on_text_delta(self, thread_id: str, run_id: str, delta: str) -> None: ...
 
-    async def on_run_completed(self, thread_id: str, run_id: str, message: dict) -> None: ...
+    async def on_run_completed(self, thread_id: str, run_id: str, message: dict, usage: dict | None) -> None: ...
 
     async def on_run_failed(self, thread_id: str, run_id: str, error: UpstreamError) -> None: ...
 
+    async def on_run_cancelled(self, thread_id: str, run_id: str, by: str, message: dict | None) -> None: ...
+
 
 class ThreadEvents(RunEventHandler):
-    """Turns the hooks into the service's event frames and hands each one to every sink."""
+    """Turns the hooks into the service's event frames and publishes each one on its thread."""
 
-    def __init__(self, *sinks):
-        self.sinks = sinks
-
-    def publish(self, event: dict) -> None:
-        for sink in self.sinks:
-            sink(event)
+    def __init__(self, publish: Callable[[str, dict], None]):
+        self.publish = publish
 
     async def on_message_created(self, thread_id, message):
-        self.publish({"type": "message.created", "thread_id": thread_id, "message": message})
+        self.publish(thread_id, {"type": "message.created", "thread_id": thread_id, "message": message})
 
     async def on_run_started(self, thread_id, run_id, assistant):
-        self.publish({"type": "run.started", "thread_id": thread_id, "run_id": run_id, "assistant": assistant.ref()})
+        self.publish(thread_id, {"type": "run.started", "thread_id": thread_id, "run_id": run_id,
+                                 "assistant": assistant})
 
     async def on_text_delta(self, thread_id, run_id, delta):
-        self.publish({"type": "text.delta", "thread_id": thread_id, "run_id": run_id, "delta": delta})
+        self.publish(thread_id, {"type": "text.delta", "thread_id": thread_id, "run_id": run_id, "delta": delta})
 
-    async def on_run_completed(self, thread_id, run_id, message):
-        self.publish({"type": "run.completed", "thread_id": thread_id, "run_id": run_id, "message": message})
+    async def on_run_completed(self, thread_id, run_id, message, usage):
+        self.publish(thread_id, {"type": "run.completed", "thread_id": thread_id, "run_id": run_id,
+                                 "message": message, "usage": usage})
 
     async def on_run_failed(self, thread_id, run_id, error):
-        self.publish({"type": "run.failed", "thread_id": thread_id, "run_id": run_id, "error": error.as_json()})
+        self.publish(thread_id, {"type": "run.failed", "thread_id": thread_id, "run_id": run_id,
+                                 "error": error.as_json()})
+
+    async def on_run_cancelled(self, thread_id, run_id, by, message):
+        self.publish(thread_id, {"type": "run.cancelled", "thread_id": thread_id, "run_id": run_id, "by": by,
+                                 "message": message})
 
 
-class ThreadQueue:
-    """Runs the work submitted for one thread one at a time, in arrival order.
-
-    The work runs in a task of its own, so a caller that goes away does not stop it.
-    """
-
-    def __init__(self, max_waiting: int):
-        self.max_waiting = max_waiting
-        self._waiting: dict[str, deque] = {}
-        self._workers: dict[str, asyncio.Task] = {}
-        self._closed = False
-
-    def submit(self, thread_id: str, work) -> asyncio.Future:
-        if self._closed:
-            raise RuntimeError("the run queue is closed")
-        if len(self._waiting.get(thread_id, ())) >= self.max_waiting:
-            raise RunQueueFull()
-        waiting = self._waiting.setdefault(thread_id, deque())
-        future = asyncio.get_running_loop().create_future()
-        # A caller that left no longer reads the outcome; mark it read so it is not reported as lost.
-        future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        waiting.append((work, future))
-        if thread_id not in self._workers:
-            self._workers[thread_id] = asyncio.create_task(self._drain(thread_id, waiting))
-        return future
-
-    async def _drain(self, thread_id: str, waiting: deque) -> None:
-        future = None
-        try:
-            while waiting:
-                work, future = waiting.popleft()
-                try:
-                    result = await work()
-                except Exception as error:
-                    if not isinstance(error, (UpstreamError, NotFound)):
-                        log.exception("work on thread %s failed", thread_id)
-                    if not future.done():  # a caller that went away may have cancelled it
-                        future.set_exception(error)
-                else:
-                    if not future.done():
-                        future.set_result(result)
-        finally:
-            for pending in [future, *(queued for _, queued in waiting)]:
-                if pending is not None and not pending.done():
-                    pending.cancel()
-            del self._waiting[thread_id], self._workers[thread_id]
-
-    def busy_threads(self) -> int:
-        return len(self._workers)
-
-    async def aclose(self) -> None:
-        self._closed = True
-        workers = list(self._workers.values())
-        for worker in workers:
-            worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        # A worker cancelled before its first step never ran its own clean-up.
-        for waiting in self._waiting.values():
-            for _, future in waiting:
-                future.cancel()
-        self._waiting.clear()
-        self._workers.clear()
+def input_item(message: dict, assistant: Assistant) -> dict:
+    """A stored message as the assistant is to read it: who wrote it is in the text, since a Responses
+    input message has no name field."""
+    if message["role"] == "user":
+        return {"type": "message", "role": "user", "content": f"[{message['author']}] {message['content']}"}
+    if message["assistant"]["id"] == assistant.id:
+        return {"type": "message", "role": "assistant", "content": message["content"]}
+    return {"type": "message", "role": "user",
+            "content": f"[assistant {message['assistant']['name']}] {message['content']}"}
 
 
 class Engine:
-    def __init__(self, client: openai.AsyncOpenAI, store: AssistantStore, max_waiting_runs: int = 32):
+    def __init__(self, client: openai.AsyncOpenAI, store: Store, events: RunEventHandler, runner_id: str,
+                 context_chars: int = 60_000, lease_seconds: float = 10.0, max_attempts: int = 3):
         self.client = client
         self.store = store
-        self.queue = ThreadQueue(max_waiting_runs)
-        self._threads: OrderedDict[str, Thread] = OrderedDict()
-        # Conversation items carry no author; remember who wrote the messages this process saw.
-        self._attribution: OrderedDict[str, dict] = OrderedDict()
+        self.events = events
+        self.runner_id = runner_id
+        self.context_chars = context_chars
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self._draining: dict[str, asyncio.Task] = {}
+        self._kicked_again: set[str] = set()
+        self._streams: dict[str, asyncio.Task] = {}  # run id -> the task reading its upstream stream
+        self._cancelled_by: dict[str, str] = {}
+        self._stopping = False
+        self._sweeper: asyncio.Task | None = None
 
-    @staticmethod
-    def _remember(cache: OrderedDict, key: str, value) -> None:
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > CACHE_SIZE:
-            cache.popitem(last=False)
+    # ------------------------------------------------------------ accepting work
 
-    async def create_thread(self, owner: str, members: list[str]) -> Thread:
-        metadata = {"owner": owner, "members": json.dumps(members)}
-        with upstream_errors():
-            conversation = await self.client.conversations.create(metadata=metadata)
-        thread = Thread(conversation.id, owner, tuple(members), conversation.created_at)
-        self._remember(self._threads, thread.id, thread)
-        return thread
+    async def submit(self, thread_id: str, sub: str, content: str | None,
+                     assistants: list[Assistant]) -> Submission:
+        """Store the message and queue its runs; they run in order, whoever waits for them or not."""
+        if self._stopping:
+            raise ServiceStopping()
+        submission = await self.store.submit(thread_id, sub, content, assistants)
+        if submission.message is not None:
+            await self.events.on_message_created(thread_id, submission.message)
+        if submission.runs:
+            self.kick(thread_id)
+        return submission
 
-    async def get_thread(self, thread_id: str) -> Thread:
-        if thread := self._threads.get(thread_id):
-            return thread
-        if not THREAD_ID_PATTERN.fullmatch(thread_id):
-            raise NotFound("thread not found")
+    async def outcome(self, submission: Submission) -> dict:
+        """The replies and errors of a submission's runs (ended ones; a cancelled run lists its partial reply
+        among the replies and itself among the errors)."""
+        runs = await self.store.runs([run.id for run in submission.runs])
+        replies = await self.store.messages([run.reply_id for run in runs if run.reply_id])
+        errors = [{"assistant": run.assistant} | run.error for run in runs if run.error]
+        errors += [{"assistant": run.assistant, "code": "cancelled", "message": f"stopped by {run.cancelled_by}"}
+                   for run in runs if run.status == "cancelled"]
+        return {"replies": [replies[run.reply_id] for run in runs if run.reply_id in replies], "errors": errors,
+                "failures": [stored_failure(run.error) for run in runs if run.error]}
+
+    async def cancel(self, thread_id: str, run_id: str, by: str) -> Run:
+        """Stop a run: a queued one ends here; an active one is stopped by the process running it, which
+        `signal` must reach (see `stop_run`). NotFound / Conflict as the store says."""
+        run = await self.store.request_cancel(thread_id, run_id, by)
+        if run.status == "cancelled":
+            await self.events.on_run_cancelled(thread_id, run_id, by, None)
+        return run
+
+    def stop_run(self, run_id: str, by: str) -> None:
+        """A cancel for a run this process may be running: close its upstream stream now."""
+        stream = self._streams.get(run_id)
+        if stream is not None and run_id not in self._cancelled_by:
+            self._cancelled_by[run_id] = by
+            stream.cancel()
+
+    def forget_thread(self, thread_id: str) -> None:
+        """The thread was deleted: stop running it here, upstream included; nothing more is stored."""
+        drain = self._draining.get(thread_id)
+        if drain is not None:
+            drain.cancel()
+
+    # ------------------------------------------------------------ running
+
+    def kick(self, thread_id: str) -> None:
+        """Make sure some process drains the thread's queue: this one, unless another holds the thread."""
+        if self._stopping:
+            return
+        if thread_id in self._draining:
+            self._kicked_again.add(thread_id)
+            return
+        self._draining[thread_id] = asyncio.create_task(self._drain(thread_id))
+
+    async def _drain(self, thread_id: str) -> None:
         try:
-            with upstream_errors():
-                conversation = await self.client.conversations.retrieve(thread_id)
+            while True:
+                self._kicked_again.discard(thread_id)
+                if not await self.store.take_thread(thread_id, self.runner_id, self.lease_seconds):
+                    return  # another process runs the thread; it looks for more when it lets go
+                try:
+                    await self._run_queue(thread_id)
+                finally:
+                    pending = await asyncio.shield(self.store.release_thread(thread_id, self.runner_id))
+                if self._stopping or not (pending or thread_id in self._kicked_again):
+                    return
+        except LeaseLost:
+            log.warning("lost the lease on thread %s to another process; it takes over", thread_id)
+        except Exception:
+            log.exception("running the queue of thread %s failed; it is retried shortly", thread_id)
+        finally:
+            del self._draining[thread_id]
+
+    async def _run_queue(self, thread_id: str) -> None:
+        drain = asyncio.current_task()
+        keeper = asyncio.create_task(self._keep_lease(thread_id, drain))
+        try:
+            while not self._stopping:
+                started = await self.store.start_next_run(thread_id, self.runner_id)
+                if started is None:
+                    return
+                await self._execute(*started)
+        finally:
+            keeper.cancel()
+
+    async def _keep_lease(self, thread_id: str, drain: asyncio.Task) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.lease_seconds / 3)
+                # The store also says which of its runs someone asked to stop: a signal may have been lost.
+                for run_id, by in (await self.store.renew_thread(thread_id, self.runner_id, self.lease_seconds)).items():
+                    self.stop_run(run_id, by)
+        except LeaseLost:
+            drain.cancel()
+        except Exception:
+            log.exception("renewing the lease on thread %s failed", thread_id)
+
+    async def _execute(self, run: Run, assistant: Assistant | None) -> None:
+        thread_id, events = run.thread_id, self.events
+        if run.cancelled_by:
+            await self.store.finish_run(run, self.runner_id, "cancelled")
+            return await events.on_run_cancelled(thread_id, run.id, run.cancelled_by, None)
+        await events.on_run_started(thread_id, run.id, run.assistant)
+        if assistant is None or run.attempts > self.max_attempts:
+            error = (UpstreamError("assistant_deleted", "the assistant was deleted before the run started")
+                     if assistant is None else
+                     UpstreamError("interrupted", f"the run was cut off {self.max_attempts} times; giving up"))
+            await self.store.finish_run(run, self.runner_id, "failed", error=error.as_json())
+            return await events.on_run_failed(thread_id, run.id, error)
+        parts: list[str] = []
+        stream = self._streams[run.id] = asyncio.create_task(self._stream(run, assistant, parts))
+        try:
+            usage = await stream
+        except asyncio.CancelledError:
+            by = self._cancelled_by.get(run.id)
+            if by is None or asyncio.current_task().cancelling():
+                raise  # the service is stopping, or lost the thread: the run stays pending for the next runner
+            message = await self.store.finish_run(run, self.runner_id, "cancelled", reply="".join(parts) or None)
+            await events.on_run_cancelled(thread_id, run.id, by, message)
         except UpstreamError as error:
-            # The live API answers 400 for an id that is not a conversation id at all.
-            if isinstance(error.__cause__, (openai.NotFoundError, openai.BadRequestError)):
-                raise NotFound("thread not found") from None
-            raise
-        metadata = conversation.metadata or {}
-        try:
-            members = json.loads(metadata.get("members", "[]"))
-        except ValueError:
-            members = []
-        if not metadata.get("owner"):
-            raise NotFound("thread not found")
-        thread = Thread(conversation.id, metadata["owner"], tuple(members), conversation.created_at)
-        self._remember(self._threads, thread.id, thread)
-        return thread
+            log.warning("run %s on thread %s failed: %s", run.id, thread_id, error.code)
+            await self.store.finish_run(run, self.runner_id, "failed", error=error.as_json())
+            await events.on_run_failed(thread_id, run.id, error)
+        else:
+            message = await self.store.finish_run(run, self.runner_id, "completed", reply="".join(parts), usage=usage)
+            await events.on_run_completed(thread_id, run.id, message, usage)
+        finally:
+            del self._streams[run.id]
+            self._cancelled_by.pop(run.id, None)
 
-    async def visible_thread(self, thread_id: str, sub: str) -> Thread:
-        """The thread, when `sub` may see it; otherwise the same NotFound as for no thread at all."""
-        thread = await self.get_thread(thread_id)
-        if not thread.visible_to(sub):
-            raise NotFound("thread not found")
-        return thread
+    async def history(self, thread_id: str, assistant: Assistant) -> list[dict]:
+        """The thread's latest messages, oldest first, as many as fit the context budget."""
+        items, budget = [], self.context_chars
+        for message in await self.store.recent_messages(thread_id, HISTORY_MESSAGES):
+            item = input_item(message, assistant)
+            budget -= len(item["content"])
+            if items and budget < 0:
+                break
+            items.append(item)
+        return items[::-1]
 
-    async def add_message(self, thread_id: str, author: str, content: str) -> dict:
-        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": content}]}
+    async def _stream(self, run: Run, assistant: Assistant, parts: list[str]) -> dict | None:
+        """Stream one reply, its deltas into `parts` and out as events; returns the usage, or raises
+        UpstreamError. Commentary (a message whose phase is not the final answer) is not the reply."""
+        history = await self.history(run.thread_id, assistant)
+        not_the_reply: set[str] = set()
         with upstream_errors():
-            added = await self.client.conversations.items.create(thread_id, items=[item])
-        message = {"id": added.data[0].id, "role": "user", "content": content, "author": author,
-                   "created_at": int(time.time())}
-        self._remember(self._attribution, message["id"], {"author": author, "created_at": message["created_at"]})
-        return message
-
-    async def list_messages(self, thread_id: str) -> list[dict]:
-        """Every message of the thread, oldest first (the API pages 100 at a time, newest first by default)."""
-        messages = []
-        with upstream_errors():
-            async for item in self.client.conversations.items.list(thread_id, order="asc", limit=100):
-                if item.type == "message" and item.role in ("user", "assistant"):
-                    text = clean_text("".join(getattr(part, "text", "") for part in item.content))
-                    messages.append({"id": item.id, "role": item.role, "content": text}
-                                    | self._attribution.get(item.id, {}))
-        return messages
-
-    async def run(self, thread_id: str, assistant: Assistant, events: RunEventHandler) -> dict:
-        """One streamed run; returns the assistant's reply message, or raises UpstreamError."""
-        run_id = f"run_{secrets.token_hex(12)}"
-        await events.on_run_started(thread_id, run_id, assistant)
-        try:
-            reply = await self._stream_reply(thread_id, run_id, assistant, events)
-        except UpstreamError as error:
-            log.warning("run %s on thread %s failed: %s", run_id, thread_id, error.code)
-            await events.on_run_failed(thread_id, run_id, error)
-            raise
-        await events.on_run_completed(thread_id, run_id, reply)
-        return reply
-
-    async def _stream_reply(self, thread_id, run_id, assistant, events) -> dict:
-        for delay in (*LOCKED_RETRY_DELAYS, None):
-            try:
-                return await self._stream_once(thread_id, run_id, assistant, events)
-            except UpstreamError as error:
-                # Another process holds the conversation: the live API says so before streaming anything.
-                if error.code != "conversation_locked" or delay is None:
-                    raise
-                await asyncio.sleep(delay)
-
-    async def _stream_once(self, thread_id, run_id, assistant, events) -> dict:
-        metadata = {"assistant_id": assistant.id, "assistant_name": assistant.name, "run_id": run_id}
-        with upstream_errors():
-            async with self.client.responses.stream(
-                # No input: the conversation already holds the messages. Without truncation a long
-                # thread would outgrow the model's context and fail every run from then on.
-                model=assistant.model, instructions=assistant.instructions, conversation=thread_id,
-                metadata=metadata, truncation="auto",
-            ) as stream:
+            stream = await self.client.responses.create(
+                model=assistant.model, instructions=f"{assistant.instructions}\n\n{ATTRIBUTION_NOTE}".lstrip(),
+                input=history, stream=True,
+                # The service keeps the conversation itself and sends it every time: nothing needs to stay upstream.
+                store=False, metadata={"run_id": run.id, "assistant_id": assistant.id})
+            async with stream:
                 async for event in stream:
-                    if event.type == "response.output_text.delta":
-                        await events.on_text_delta(thread_id, run_id, clean_text(event.delta))
+                    if event.type in ("response.output_text.delta", "response.refusal.delta"):
+                        if event.item_id not in not_the_reply:
+                            delta = clean_text(event.delta)
+                            parts.append(delta)
+                            await self.events.on_text_delta(run.thread_id, run.id, delta)
+                    elif event.type == "response.output_item.added":
+                        if event.item.type == "message" and getattr(event.item, "phase", None) not in (None, "final_answer"):
+                            not_the_reply.add(event.item.id)
+                    elif event.type == "response.completed":
+                        usage = event.response.usage
+                        return usage and {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
                     elif event.type in ("response.failed", "response.incomplete"):
                         error = event.response.error
-                        code = error.code if error else "incomplete"
-                        log.warning("run %s failed upstream: %s", run_id, error.message if error else event.type)
-                        raise UpstreamError(code, "the model failed to finish the reply")
-                response = await stream.get_final_response()
-        item = next((output for output in response.output if output.type == "message"), None)
-        reply = {"id": item.id if item else response.id, "role": "assistant",
-                 "content": clean_text(response.output_text), "assistant": assistant.ref(),
-                 "created_at": int(time.time())}
-        self._remember(self._attribution, reply["id"], {"assistant": assistant.ref(), "created_at": reply["created_at"]})
-        return reply
+                        log.warning("run %s failed upstream: %s", run.id, error.message if error else event.type)
+                        raise UpstreamError(error.code if error else "incomplete", "the model failed to finish the reply")
+                    elif event.type == "error":  # the spec's flat shape; the nested one raises APIError
+                        log.warning("run %s: upstream error event %s: %s", run.id, event.code, event.message)
+                        raise UpstreamError(event.code or "upstream_error", "the upstream failed")
+        raise UpstreamError("incomplete_stream", "the upstream's stream ended before the reply was complete")
 
-    async def run_in_order(self, thread_id: str, assistants: list[Assistant], events: RunEventHandler) -> Turn:
-        """Each assistant in turn; each sees the replies before it. A failed run is recorded, not raised."""
-        turn = Turn()
-        for assistant in assistants:
+    # ------------------------------------------------------------ the life of the engine
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Pick up threads whose runs wait for a runner: left by a process that stopped, or queued while
+        this one started."""
+        while True:
             try:
-                turn.replies.append(await self.run(thread_id, assistant, events))
-            except UpstreamError as error:
-                turn.failures.append((assistant, error))
-        return turn
+                for thread_id in await self.store.threads_waiting_for_a_runner():
+                    self.kick(thread_id)
+            except Exception:
+                log.exception("looking for runs to pick up failed")
+            await asyncio.sleep(self.lease_seconds / 2)
 
-    async def post_message(self, thread_id: str, author: str, content: str, assistants: list[Assistant],
-                           events: RunEventHandler) -> Turn:
-        message = await self.add_message(thread_id, author, content)
-        await events.on_message_created(thread_id, message)
-        turn = await self.run_in_order(thread_id, assistants, events)
-        turn.message = message
-        return turn
+    async def stop(self, grace_seconds: float) -> None:
+        """Take no new runs; let active ones finish within the grace period, then cut them off (they stay
+        pending in the store and run again at the next start, or on another process at once)."""
+        self._stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        drains = list(self._draining.values())
+        if drains:
+            _, late = await asyncio.wait(drains, timeout=grace_seconds)
+            for drain in late:
+                drain.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        if self._sweeper is not None:
+            await asyncio.gather(self._sweeper, return_exceptions=True)
 
-    async def aclose(self) -> None:
-        await self.queue.aclose()
+    def active_runs(self) -> int:
+        return len(self._streams)
+

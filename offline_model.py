@@ -1,23 +1,25 @@
-"""A built-in, OpenAI-compatible stand-in for what the service uses of /v1/responses and /v1/conversations.
+"""A built-in, OpenAI-compatible stand-in for `/v1/responses`: the one upstream route the service uses.
 
-It speaks the real wire format (the SDK parses it with strict validation), so the service, the
-demo and the tests run the very code they would run against OpenAI, with no key and no network.
-Replies are deterministic and labelled as offline. Tests make it misbehave through
-`OfflineModel.fail_next`, a Python call: nothing in the service's own API can reach it.
+It speaks the real wire format (the SDK parses it with strict validation), so the service, the demo
+and the tests run the very code they would run against OpenAI, with no key and no network. It keeps
+nothing between calls, like a Responses server called with `store: false`. Replies are
+deterministic and labelled as offline. Tests make it misbehave through `OfflineModel.fail_next`, a
+Python call: nothing in the service's own API can reach it.
 """
 
 import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import re
 import secrets
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from starlette import status
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,14 +30,17 @@ FAULTS = (
     "server_error",  # 500 before streaming
     "unauthorized",  # 401 quoting part of the key, as the live API does
     "rate_limited",  # 429 with Retry-After before streaming
-    "locked",  # 400 conversation_locked, as when another response is active
+    "hang",  # accepts the request and never answers
     "response_failed",  # streams a little, then response.failed
-    "error_event",  # streams a little, then the live API's nested `error` event
+    "incomplete",  # streams a little, then response.incomplete
+    "error_event",  # streams a little, then an `error` event nested as the live API sends it
+    "flat_error_event",  # streams a little, then an `error` event flat as the spec defines it
     "disconnect",  # streams a little, then drops the connection
     "malformed",  # streams a little, then an event whose data is not JSON
+    "refusal",  # the reply is a refusal part
+    "commentary",  # a commentary message first, then the final answer
 )
-ITEMS_PAGE_MAX = 100
-ITEMS_PAGE_DEFAULT = 20
+RECEIVED_KEPT = 100
 
 
 class WireJSONResponse(JSONResponse):
@@ -55,14 +60,6 @@ def openai_error(status_code: int, message: str, code: str | None = None, error_
     return WireJSONResponse(body, status_code=status_code, headers=headers)
 
 
-def message_item(role: str, text: str) -> dict:
-    part_type = "output_text" if role == "assistant" else "input_text"
-    part = {"type": part_type, "text": text}
-    if role == "assistant":
-        part |= {"annotations": [], "logprobs": []}
-    return {"id": new_id("msg"), "type": "message", "status": "completed", "role": role, "content": [part]}
-
-
 def tokens(text: str) -> list[str]:
     """How the model cuts a reply into deltas: word by word, each with the spaces after it."""
     return re.findall(r"\S+\s*", text)
@@ -76,111 +73,43 @@ def item_text(item: dict) -> str:
 
 
 def input_items(raw_input) -> list[dict]:
-    """The request's `input` as stored conversation items (plain text messages only)."""
-    if raw_input is None:
-        return []
+    """The request's `input` as message items (a string is one user message)."""
     if isinstance(raw_input, str):
-        return [message_item("user", raw_input)]
-    return [message_item(item.get("role", "user"), item_text(item)) for item in raw_input if isinstance(item, dict)]
-
-
-@dataclass
-class Conversation:
-    id: str
-    created_at: int
-    metadata: dict
-    items: list[dict] = field(default_factory=list)
-
-    def as_json(self) -> dict:
-        return {"id": self.id, "object": "conversation", "created_at": self.created_at, "metadata": self.metadata}
+        return [{"role": "user", "content": raw_input}]
+    return [item for item in raw_input or () if isinstance(item, dict)]
 
 
 class OfflineModel:
     def __init__(self, token_delay: float = 0.02):
         self.token_delay = token_delay
-        self.conversations: dict[str, Conversation] = {}
-        self.active_conversations: set[str] = set()
         self.responses_started = 0
         self.deltas_sent = 0
-        self.locked_refusals = 0
+        self.streams_open = 0
+        self.received: deque[dict] = deque(maxlen=RECEIVED_KEPT)  # request bodies, newest last
         self._faults: deque[str] = deque()
-        self.app = Starlette(routes=[
-            Route("/v1/conversations", self.create_conversation, methods=["POST"]),
-            Route("/v1/conversations/{id}", self.get_conversation, methods=["GET"]),
-            Route("/v1/conversations/{id}/items", self.add_items, methods=["POST"]),
-            Route("/v1/conversations/{id}/items", self.list_items, methods=["GET"]),
-            Route("/v1/responses", self.create_response, methods=["POST"]),
-        ])
+        self.app = Starlette(routes=[Route("/v1/responses", self.create_response, methods=["POST"])])
 
     def fail_next(self, fault: str, times: int = 1) -> None:
-        """Make the next `times` calls to /v1/responses fail in the given way (see FAULTS)."""
+        """Make the next `times` calls to /v1/responses go wrong in the given way (see FAULTS)."""
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; choose from {FAULTS}")
         self._faults.extend([fault] * times)
 
     @staticmethod
-    async def _json(request: Request) -> dict:
+    def reply_text(metadata: dict, seen: list[dict]) -> str:
+        name = metadata.get("assistant_name") or "assistant"
+        user_texts = [item_text(item) for item in seen if item.get("role") == "user"]
+        heard = user_texts[-1] if user_texts else "nothing yet"
+        return f"[offline model] {name} heard: {heard} ({len(seen)} messages in its context)"
+
+    async def create_response(self, request: Request):
         try:
             body = json.loads(await request.body() or b"{}")
         except json.JSONDecodeError:
-            body = None
-        return body if isinstance(body, dict) else {}
-
-    def _conversation(self, request: Request) -> Conversation | None:
-        return self.conversations.get(request.path_params["id"])
-
-    def _not_found(self, request: Request) -> WireJSONResponse:
-        return openai_error(status.HTTP_404_NOT_FOUND, f"Conversation with id '{request.path_params['id']}' not found.")
-
-    async def create_conversation(self, request: Request) -> WireJSONResponse:
-        body = await self._json(request)
-        conversation = Conversation(new_id("conv"), int(time.time()), body.get("metadata") or {})
-        conversation.items.extend(input_items(body.get("items")))
-        self.conversations[conversation.id] = conversation
-        return WireJSONResponse(conversation.as_json())
-
-    async def get_conversation(self, request: Request) -> WireJSONResponse:
-        conversation = self._conversation(request)
-        return WireJSONResponse(conversation.as_json()) if conversation else self._not_found(request)
-
-    async def add_items(self, request: Request) -> WireJSONResponse:
-        conversation = self._conversation(request)
-        if not conversation:
-            return self._not_found(request)
-        added = input_items((await self._json(request)).get("items"))
-        conversation.items.extend(added)
-        return WireJSONResponse(self._page(added, has_more=False))
-
-    async def list_items(self, request: Request) -> WireJSONResponse:
-        conversation = self._conversation(request)
-        if not conversation:
-            return self._not_found(request)
-        query = request.query_params
-        try:
-            limit = int(query.get("limit", ITEMS_PAGE_DEFAULT))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= ITEMS_PAGE_MAX:
-            return openai_error(status.HTTP_400_BAD_REQUEST, f"limit must be between 1 and {ITEMS_PAGE_MAX}")
-        items = conversation.items if query.get("order") == "asc" else conversation.items[::-1]
-        if after := query.get("after"):
-            ids = [item["id"] for item in items]
-            items = items[ids.index(after) + 1:] if after in ids else []
-        return WireJSONResponse(self._page(items[:limit], has_more=len(items) > limit))
-
-    @staticmethod
-    def _page(items: list[dict], has_more: bool) -> dict:
-        return {"object": "list", "data": items, "first_id": items[0]["id"] if items else "",
-                "last_id": items[-1]["id"] if items else "", "has_more": has_more}
-
-    async def create_response(self, request: Request):
-        body = await self._json(request)
-        conversation_id = body.get("conversation")
-        if isinstance(conversation_id, dict):
-            conversation_id = conversation_id.get("id")
-        conversation = self.conversations.get(conversation_id) if conversation_id else None
-        if conversation_id and not conversation:
-            return openai_error(status.HTTP_404_NOT_FOUND, f"Conversation with id '{conversation_id}' not found.")
+            return openai_error(status.HTTP_400_BAD_REQUEST, "We could not parse the JSON body of your request.")
+        if not isinstance(body, dict) or not body.get("model"):
+            return openai_error(status.HTTP_400_BAD_REQUEST, "Missing required parameter: 'model'.")
+        self.received.append(body)
         fault = self._faults.popleft() if self._faults else None
         if fault == "server_error":
             return openai_error(status.HTTP_500_INTERNAL_SERVER_ERROR, "The offline model was told to fail.",
@@ -191,37 +120,23 @@ class OfflineModel:
         if fault == "rate_limited":
             return openai_error(status.HTTP_429_TOO_MANY_REQUESTS, "Rate limit reached (offline model).",
                                 code="rate_limit_exceeded", error_type="requests", headers={"Retry-After": "1"})
-        if fault == "locked" or (conversation and conversation.id in self.active_conversations):
-            self.locked_refusals += fault != "locked"
-            return openai_error(status.HTTP_400_BAD_REQUEST,
-                                "Another process is currently operating on this conversation. Please retry in a few seconds.",
-                                code="conversation_locked")
+        if fault == "hang":
+            await asyncio.Event().wait()
         self.responses_started += 1
-        new_items = input_items(body.get("input"))
-        seen = (conversation.items if conversation else []) + new_items
+        seen = input_items(body.get("input"))
         reply = self.reply_text(body.get("metadata") or {}, seen)
         response = {
-            "id": new_id("resp"), "object": "response", "created_at": time.time(), "model": body.get("model") or "offline",
+            "id": new_id("resp"), "object": "response", "created_at": time.time(), "model": body["model"],
             "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "status": "in_progress",
             "instructions": body.get("instructions"), "metadata": body.get("metadata") or {}, "error": None,
-            "incomplete_details": None, "usage": None, "store": True,
-            "conversation": {"id": conversation.id} if conversation else None,
+            "incomplete_details": None, "usage": None, "store": bool(body.get("store", True)),
+            "temperature": 1.0, "top_p": 1.0,
         }
+        usage = self._usage(seen, reply)
         if not body.get("stream"):
-            message = message_item("assistant", reply)
-            self._commit(conversation, new_items, message)
-            return WireJSONResponse(response | {"status": "completed", "output": [message], "usage": self._usage(seen, reply)})
-        if conversation:
-            self.active_conversations.add(conversation.id)
-        return StreamingResponse(self._stream(response, conversation, new_items, seen, reply, fault),
-                                 media_type="text/event-stream")
-
-    @staticmethod
-    def reply_text(metadata: dict, seen: list[dict]) -> str:
-        name = metadata.get("assistant_name") or "assistant"
-        user_texts = [item_text(item) for item in seen if item.get("role") == "user"]
-        heard = user_texts[-1] if user_texts else "nothing yet"
-        return f"[offline model] {name} heard: {heard} ({len(seen)} items in this conversation)"
+            message = self._message(new_id("msg"), reply, "output_text", "completed")
+            return WireJSONResponse(response | {"status": "completed", "output": [message], "usage": usage})
+        return StreamingResponse(self._stream(response, reply, usage, fault), media_type="text/event-stream")
 
     @staticmethod
     def _usage(seen: list[dict], reply: str) -> dict:
@@ -231,15 +146,24 @@ class OfflineModel:
                 "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": input_tokens + output_tokens}
 
-    def _commit(self, conversation: Conversation | None, new_items: list[dict], message: dict) -> None:
-        if conversation:
-            conversation.items.extend(new_items + [message])
+    @staticmethod
+    def _message(item_id: str, text: str | None, part_type: str, item_status: str, phase: str | None = None) -> dict:
+        item = {"id": item_id, "type": "message", "status": item_status, "role": "assistant", "content": []}
+        if phase is not None:
+            item["phase"] = phase
+        if text is not None:
+            item["content"] = [OfflineModel._part(part_type, text)]
+        return item
 
-    async def _stream(self, response, conversation, new_items, seen, reply, fault):
+    @staticmethod
+    def _part(part_type: str, text: str) -> dict:
+        if part_type == "refusal":
+            return {"type": "refusal", "refusal": text}
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    async def _stream(self, response, reply, usage, fault):
         sequence = itertools.count()
-        item_id = new_id("msg")
-        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-        in_progress = {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+        self.streams_open += 1
 
         def frame(event_type: str, **fields) -> str:
             data = {"type": event_type, "sequence_number": next(sequence), **fields}
@@ -248,43 +172,81 @@ class OfflineModel:
         try:
             yield frame("response.created", response=response)
             yield frame("response.in_progress", response=response)
-            yield frame("response.output_item.added", output_index=0, item=in_progress)
-            yield frame("response.content_part.added", **where,
-                        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-            for index, token in enumerate(tokens(reply)):
-                if fault and index == 2:
-                    async for tail in self._fail_midway(frame, response, fault):
-                        yield tail
-                    return
-                if self.token_delay:
-                    await asyncio.sleep(self.token_delay)
-                self.deltas_sent += 1
-                yield frame("response.output_text.delta", **where, delta=token, logprobs=[])
-            part = {"type": "output_text", "text": reply, "annotations": [], "logprobs": []}
-            message = in_progress | {"status": "completed", "content": [part]}
-            yield frame("response.output_text.done", **where, text=reply, logprobs=[])
-            yield frame("response.content_part.done", **where, part=part)
-            yield frame("response.output_item.done", output_index=0, item=message)
-            self._commit(conversation, new_items, message)
-            completed = response | {"status": "completed", "output": [message], "usage": self._usage(seen, reply)}
-            yield frame("response.completed", response=completed)
+            output = []
+            if fault == "commentary":
+                async for text in self._stream_message(frame, output, "Let me think about that. ", "commentary"):
+                    yield text
+            part_type = "refusal" if fault == "refusal" else "output_text"
+            async for text in self._stream_message(frame, output, reply, "final_answer" if fault == "commentary"
+                                                   else None, part_type, fault):
+                yield text
+            if fault in ("response_failed", "incomplete", "error_event", "flat_error_event", "malformed",
+                         "disconnect"):
+                return
+            yield frame("response.completed", response=response | {"status": "completed", "output": output,
+                                                                   "usage": usage})
         finally:
-            if conversation:
-                self.active_conversations.discard(conversation.id)
+            self.streams_open -= 1
+
+    async def _stream_message(self, frame, output, text, phase, part_type="output_text", fault=None):
+        index = len(output)
+        item_id = new_id("msg")
+        where = {"item_id": item_id, "output_index": index, "content_index": 0}
+        yield frame("response.output_item.added", output_index=index,
+                    item=self._message(item_id, None, part_type, "in_progress", phase))
+        yield frame("response.content_part.added", **where, part=self._part(part_type, ""))
+        delta_type = "response.refusal.delta" if part_type == "refusal" else "response.output_text.delta"
+        for position, token in enumerate(tokens(text)):
+            if position == 2 and fault in ("response_failed", "incomplete", "error_event", "flat_error_event",
+                                           "malformed", "disconnect"):
+                yield self._fail_midway(frame, fault, output)
+                return
+            if self.token_delay:
+                await asyncio.sleep(self.token_delay)
+            self.deltas_sent += 1
+            extra = {} if part_type == "refusal" else {"logprobs": []}
+            yield frame(delta_type, **where, delta=token, **extra)
+        if part_type == "refusal":
+            yield frame("response.refusal.done", **where, refusal=text)
+        else:
+            yield frame("response.output_text.done", **where, text=text, logprobs=[])
+        yield frame("response.content_part.done", **where, part=self._part(part_type, text))
+        message = self._message(item_id, text, part_type, "completed", phase)
+        output.append(message)
+        yield frame("response.output_item.done", output_index=index, item=message)
 
     @staticmethod
-    async def _fail_midway(frame, response, fault):
+    def _fail_midway(frame, fault, output) -> str:
         if fault == "response_failed":
             error = {"code": "server_error", "message": "The offline model was told to fail mid-response."}
-            yield frame("response.failed", response=response | {"status": "failed", "error": error})
-        elif fault == "error_event":
-            error = {"type": "server_error", "code": "server_error", "param": None,
-                     "message": "The offline model sent an error event mid-stream."}
-            yield frame("error", error=error)
-        elif fault == "malformed":
-            yield 'event: response.output_text.delta\ndata: {"type": "response.output_text.del\n\n'
-        else:  # disconnect: end the body without the events that close the response
-            raise ConnectionAbortedError("offline model dropped the connection on purpose")
+            return frame("response.failed", response={"status": "failed", "error": error} | _RESPONSE_STUB)
+        if fault == "incomplete":
+            return frame("response.incomplete", response={"status": "incomplete", "error": None,
+                                                          "incomplete_details": {"reason": "max_output_tokens"}}
+                         | _RESPONSE_STUB)
+        if fault == "error_event":
+            return frame("error", error={"type": "server_error", "code": "server_error", "param": None,
+                                         "message": "The offline model sent an error event mid-stream."})
+        if fault == "flat_error_event":
+            return frame("error", code="server_error", param=None,
+                         message="The offline model sent a flat error event mid-stream.")
+        if fault == "malformed":
+            return 'event: response.output_text.delta\ndata: {"type": "response.output_text.del\n\n'
+        raise ConnectionAbortedError("offline model dropped the connection on purpose")
+
+
+_RESPONSE_STUB = {"id": "resp_stub", "object": "response", "created_at": 0.0, "model": "offline", "output": [],
+                  "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "temperature": 1.0,
+                  "top_p": 1.0, "metadata": {}, "instructions": None, "incomplete_details": None, "usage": None}
+
+
+class _QuietH11Protocol(H11Protocol):
+    """HTTP without access-log lines for this server's own requests. (uvicorn's `access_log=False`
+    would empty the process-wide `uvicorn.access` logger, silencing the service's access log too.)"""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.access_log = False
 
 
 class _NoSignalServer(uvicorn.Server):
@@ -295,6 +257,21 @@ class _NoSignalServer(uvicorn.Server):
         yield
 
 
+class _NotFromTask(logging.Filter):
+    """Drops what a given task logs: an in-process server's "Started server process" and "Shutting down"
+    lines would read as the service's own."""
+
+    def __init__(self, task: asyncio.Task):
+        super().__init__()
+        self.task = task
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return asyncio.current_task() is not self.task
+        except RuntimeError:  # logged outside any event loop
+            return True
+
+
 @contextlib.asynccontextmanager
 async def serve_on_loopback(app, **config):
     """Serve an ASGI app on 127.0.0.1 at a free port for the duration of the block; yields its base URL."""
@@ -303,10 +280,12 @@ async def serve_on_loopback(app, **config):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     # log_config=None and log_level=None leave the logging of the process (maybe another uvicorn) alone.
-    config = {"log_config": None, "log_level": None, "access_log": False, "lifespan": "off",
+    config = {"log_config": None, "log_level": None, "http": _QuietH11Protocol, "lifespan": "off",
               "timeout_graceful_shutdown": 1} | config
     server = _NoSignalServer(uvicorn.Config(app, **config))
     task = asyncio.create_task(server.serve(sockets=[sock]))
+    quiet = _NotFromTask(task)
+    logging.getLogger("uvicorn.error").addFilter(quiet)
     try:
         while not server.started:
             if task.done():
@@ -318,3 +297,4 @@ async def serve_on_loopback(app, **config):
         server.should_exit = True
         await task
         sock.close()
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
