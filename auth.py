@@ -4,6 +4,7 @@ an ASGI middleware that guards HTTP and WebSocket routes, and a CLI that mints t
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
 import sys
@@ -20,6 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+JWT_SECRET_SETTING = "jwt_secret"  # where the generated secret is kept in the database
 # One shared secret both signs and verifies, so only the HMAC family makes sense.
 ALLOWED_ALGORITHMS = ("HS256", "HS384", "HS512")
 
@@ -69,11 +71,11 @@ class JWTSettings:
         _positive_hours(self.expires_in_hours, "JWT_EXPIRES_IN_HOURS")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> JWTSettings:
+    def from_env(cls, environ: Mapping[str, str] = os.environ, generated_secret: str | None = None) -> JWTSettings:
+        """The settings the environment gives; `generated_secret` stands in for an unset JWT_SECRET_KEY."""
         secret = environ.get("JWT_SECRET_KEY") or ""
         return cls(
-            # 64 bytes is long enough for HS512 too, so pyjwt never warns about the key length.
-            secret=secret or secrets.token_urlsafe(64),
+            secret=secret or generated_secret or "",
             secret_is_generated=not secret,
             algorithm=environ.get("JWT_ALGORITHM") or "HS256",
             expires_in_hours=_positive_hours(environ.get("JWT_EXPIRES_IN_HOURS") or "12", "JWT_EXPIRES_IN_HOURS"),
@@ -111,6 +113,10 @@ class JWTSettings:
         return User(sub=sub, expires_at=float(claims["exp"]))
 
 
+def generate_secret() -> str:
+    return secrets.token_urlsafe(64)  # long enough for HS512 too, so pyjwt never warns about the key length
+
+
 def _encodable(text: str) -> bool:
     """False for a lone surrogate ("\ud800" is valid JSON): no UTF-8 response or frame could carry it."""
     try:
@@ -132,26 +138,36 @@ def _subprotocol_token(headers: Headers) -> str | None:
 
 
 def _pop_query_token(scope: Scope) -> str | None:
+    """The `token` query parameter, taken out of the scope whether or not it is used: uvicorn's access
+    log prints the query string of this very scope once the response is sent."""
+    if b"token" not in scope["query_string"]:
+        return None
     token = QueryParams(scope["query_string"]).get("token") or None
-    if token is not None:
-        # Removed in place on purpose: uvicorn's access log prints the query string of this very scope.
-        pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-        scope["query_string"] = urlencode([(k, v) for k, v in pairs if k != "token"]).encode("latin-1")
+    pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+    scope["query_string"] = urlencode([(k, v) for k, v in pairs if k != "token"]).encode("latin-1")
     return token
 
 
 class JWTAuthMiddleware:
-    """Every HTTP request and WebSocket handshake needs a valid token, except `public_routes`."""
+    """Every HTTP request and WebSocket handshake needs a valid token, except `public_routes`.
+
+    With `settings=None` the settings are the app's `state.jwt`, set at start-up (the generated
+    secret is read from the database then)."""
 
     def __init__(
-        self, app: ASGIApp, settings: JWTSettings, public_routes: frozenset = frozenset({("GET", "/health")})
+        self, app: ASGIApp, settings: JWTSettings | None = None,
+        public_routes: frozenset = frozenset({("GET", "/health")}),
     ) -> None:
         self.app = app
         self.settings = settings
         self.public_routes = public_routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or self._is_public(scope):
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        query_token = _pop_query_token(scope)  # out of the scope (and so of the log) in every case
+        if self._is_public(scope):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -161,11 +177,12 @@ class JWTAuthMiddleware:
             if token is not None:
                 scope["auth_subprotocol"] = "bearer"
             else:
-                token = _pop_query_token(scope)
+                token = query_token  # HTTP clients can always send a header: a token in a URL is refused there
         try:
             if token is None:
                 raise TokenError("missing bearer token")
-            scope["user"] = self.settings.verify(token)
+            settings = self.settings or scope["app"].state.jwt
+            scope["user"] = settings.verify(token)
         except TokenError as error:
             await self._deny(scope, receive, send, error.detail, token_given=token is not None)
             return
@@ -195,30 +212,43 @@ def demo_tokens_banner(settings: JWTSettings, users=("alice", "bob")) -> str:
     lines += [f"  {user}: Authorization: Bearer {settings.mint(user)}" for user in users]
     if settings.secret_is_generated:
         lines += [
-            "JWT_SECRET_KEY is not set: these tokens are signed with a random secret of this process",
-            "and die with it. Set JWT_SECRET_KEY (environment or .env) to keep tokens across restarts.",
+            "JWT_SECRET_KEY is not set: these tokens are signed with a secret generated for this database",
+            "and kept in it. `python auth.py <user>` mints more; set JWT_SECRET_KEY for real use.",
         ]
     return "\n".join(lines)
 
 
 NO_SECRET_MESSAGE = """\
-auth.py: JWT_SECRET_KEY is not set, so a token minted here would not match any server.
-Set JWT_SECRET_KEY in the environment or in .env (the same value the server uses), e.g. generate one with:
-    python -c "import secrets; print(secrets.token_urlsafe(32))"
-Or use the demo tokens the server prints at start-up (signed with that process's random secret)."""
+auth.py: JWT_SECRET_KEY is not set, and the database ({database}) holds no generated secret yet,
+so a token minted here would not match any server. Either start the service once (it generates a
+secret and keeps it in its database), or set JWT_SECRET_KEY in the environment or in .env (the same
+value the server uses); generate one with:
+    python -c 'import secrets; print(secrets.token_urlsafe(32))'"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print a JWT for SUB, signed with JWT_SECRET_KEY.")
+    parser = argparse.ArgumentParser(
+        description="Print a JWT for SUB, signed with JWT_SECRET_KEY, or else with the secret the service "
+                    "generated and keeps in its database (DATABASE_URL).")
     parser.add_argument("sub", help="user id to put in the token's sub claim")
     parser.add_argument("--hours", type=float, help="lifetime (default: JWT_EXPIRES_IN_HOURS or 12)")
     args = parser.parse_args(argv)
     load_dotenv(".env")  # the working directory's .env, not one next to this file
+    generated = None
     if not os.environ.get("JWT_SECRET_KEY"):
-        print(NO_SECRET_MESSAGE, file=sys.stderr)
-        return 2
+        from store import DEFAULT_DATABASE_URL, stored_setting  # only this path needs the database
+
+        database = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+        try:
+            generated = asyncio.run(stored_setting(database, JWT_SECRET_SETTING))
+        except Exception as error:
+            print(f"auth.py: could not read the database {database}: {error}", file=sys.stderr)
+            return 2
+        if generated is None:
+            print(NO_SECRET_MESSAGE.format(database=database), file=sys.stderr)
+            return 2
     try:
-        print(JWTSettings.from_env().mint(args.sub, hours=args.hours))
+        print(JWTSettings.from_env(generated_secret=generated).mint(args.sub, hours=args.hours))
     except ValueError as error:
         print(f"auth.py: {error}", file=sys.stderr)
         return 2

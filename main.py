@@ -1,51 +1,65 @@
 """Gainz OpenAI Backend: OpenAI assistants behind a JWT-secured REST API and WebSocket.
 
-Run it with `uvicorn main:app`. Every reply streams, token by token, to every socket on its thread.
+Run it with `uvicorn main:app` (or `python serve.py`, which adds the connection limits). Every reply
+streams, token by token, to every socket on its thread.
 """
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
+import re
 import signal
+import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
 
 import openai
 from dotenv import load_dotenv
+from pydantic import BaseModel, ValidationError
 from starlette import status
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from assistants import (AssistantStore, Engine, NotFound, RunQueueFull, ThreadEvents, Turn, UpstreamError)
-from auth import JWTAuthMiddleware, JWTSettings, demo_tokens_banner
-from hub import Hub
+from api import (CancelFrame, Frame, ListQuery, MessageFrame, NewAssistant, NewMessage, NewThread, RunRequest,
+                 ThreadChange, describe)
+from assistants import (Engine, ServiceStopping, ThreadEvents, UpstreamError, UpstreamRateLimited,
+                        UpstreamTimeout)
+from auth import JWT_SECRET_SETTING, JWTAuthMiddleware, JWTSettings, User, demo_tokens_banner, generate_secret
+from broker import TERMINAL, BrokerUnavailable, ResumeWindow, broker_for
+from hub import Closed, Connection, Hub, TooManySockets
 from offline_model import OfflineModel, serve_on_loopback
+from store import (DEFAULT_DATABASE_URL, Conflict, Limits, LimitReached, NotFound, Page, Store, Submission,
+                   database_for)
 
 log = logging.getLogger("gainz")
+Body = TypeVar("Body", bound=BaseModel)
 
 DEFAULT_ASSISTANT = "assistant"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant."
 MAX_BODY_BYTES = 256 * 1024
-MAX_JSON_DEPTH = 32
+MAX_BODY_SECONDS = 30
 MAX_FRAME_CHARS = 64 * 1024
-MAX_CONTENT_CHARS = 32_000
-MAX_NAME_CHARS = 64
-MAX_INSTRUCTIONS_CHARS = 32_000
-MAX_ASSISTANTS_PER_RUN = 8
-MAX_MEMBERS = 10
-METADATA_VALUE_MAX_CHARS = 512  # what a Conversations metadata value holds (owner, members)
 WS_TOKEN_EXPIRED = 4401
+WS_REMOVED_FROM_THREAD = 4403
+WS_THREAD_DELETED = 4404
 SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent for long
+RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost
+SEVERAL_PROCESSES = """\
+Another process is already serving {database}. Several processes (uvicorn --workers, or several hosts)
+must share their live events and limits: set REDIS_URL (for example REDIS_URL=redis://127.0.0.1:6379/0)
+in every one of them. One process needs nothing more."""
 
 
 @dataclass(frozen=True)
@@ -55,16 +69,39 @@ class Config:
     openai_model: str = "gpt-5-mini"
     openai_timeout_seconds: float = 120.0
     openai_max_retries: int = 2
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = ""
+    redis_prefix: str = "gainz:"
+    cors_origins: tuple[str, ...] = ()
     assistants_file: Path = Path("assistants.json")
     offline_token_delay: float = 0.02
     max_waiting_runs: int = 32
+    max_runs_per_user: int = 16
+    max_sockets_per_user: int = 20
+    max_assistants_per_user: int = 100
+    max_threads_per_user: int = 1000
+    context_chars: int = 60_000
+    run_lease_seconds: float = 10.0
+    shutdown_grace_seconds: float = 10.0
+    resume_events: int = 2000
+    resume_seconds: float = 300.0
+    resume_log_events: int = 200_000
+    environ: dict = field(default_factory=dict, repr=False)  # for the JWT settings, read at start-up
 
     def __post_init__(self):
-        if self.max_waiting_runs < 1:
-            raise ValueError("MAX_WAITING_RUNS must be at least 1")
-        if self.openai_timeout_seconds <= 0 or self.openai_max_retries < 0 or self.offline_token_delay < 0:
-            raise ValueError("OPENAI_TIMEOUT_SECONDS must be positive; OPENAI_MAX_RETRIES and "
-                             "OFFLINE_TOKEN_DELAY must not be negative")
+        counts = ("max_waiting_runs", "max_runs_per_user", "max_sockets_per_user", "max_assistants_per_user",
+                  "max_threads_per_user", "resume_events", "resume_log_events")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.upper()} must be at least 1")
+        for name in ("openai_timeout_seconds", "run_lease_seconds", "resume_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.upper()} must be positive")
+        for name in ("openai_max_retries", "offline_token_delay", "shutdown_grace_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.upper()} must not be negative")
+        if self.context_chars < 32_000:
+            raise ValueError("CONTEXT_CHARS must be at least 32000: the longest message must fit")
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "Config":
@@ -74,149 +111,78 @@ class Config:
             except ValueError:
                 raise ValueError(f"{name} must be a number, got {environ[name]!r}") from None
 
+        numbers = {setting.name: number(setting.name.upper(), setting.default, setting.type)
+                   for setting in fields(cls) if setting.type in (int, float)}
         return cls(
             openai_api_key=environ.get("OPENAI_API_KEY") or None,
             openai_base_url=environ.get("OPENAI_BASE_URL") or None,
             openai_model=environ.get("OPENAI_MODEL") or cls.openai_model,
-            openai_timeout_seconds=number("OPENAI_TIMEOUT_SECONDS", cls.openai_timeout_seconds),
-            openai_max_retries=number("OPENAI_MAX_RETRIES", cls.openai_max_retries, int),
+            database_url=environ.get("DATABASE_URL") or cls.database_url,
+            redis_url=environ.get("REDIS_URL") or "",
+            redis_prefix=environ.get("REDIS_PREFIX") or cls.redis_prefix,
+            cors_origins=tuple(filter(None, (origin.strip() for origin in environ.get("CORS_ORIGINS", "").split(",")))),
             assistants_file=Path(environ.get("ASSISTANTS_FILE") or cls.assistants_file),
-            offline_token_delay=number("OFFLINE_TOKEN_DELAY", cls.offline_token_delay),
-            max_waiting_runs=number("MAX_WAITING_RUNS", cls.max_waiting_runs, int),
+            environ=dict(environ),
+            **numbers,
         )
 
+    @property
+    def limits(self) -> Limits:
+        return Limits(waiting_runs_per_thread=self.max_waiting_runs, runs_per_user=self.max_runs_per_user,
+                      assistants_per_user=self.max_assistants_per_user, threads_per_user=self.max_threads_per_user)
 
-# ---------------------------------------------------------------- request bodies
+    @property
+    def resume_window(self) -> ResumeWindow:
+        return ResumeWindow(self.resume_events, self.resume_seconds, self.resume_log_events)
+
+
+# ---------------------------------------------------------------- requests
 
 def bad_request(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_400_BAD_REQUEST, detail)
 
 
-async def read_json(request: Request, optional: bool = False) -> dict:
+async def read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length", "")
+    too_large = HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
+        raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
+    try:
+        async with asyncio.timeout(MAX_BODY_SECONDS):  # a body trickled in a byte at a time holds a connection
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise too_large
+    except TimeoutError:
+        raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT, f"the body took over {MAX_BODY_SECONDS} s") from None
+    return bytes(body)
+
+
+async def parsed(request: Request, model: type[Body], optional: bool = False) -> Body:
+    body = await read_body(request)
     if optional and not body.strip():
-        return {}
-    return parse_object(body)
-
-
-def too_deep(text: str) -> bool:
-    """Whether the JSON nests deeper than MAX_JSON_DEPTH. json.loads would recurse down to the interpreter's
-    recursion limit, where a finalizer that a garbage collection runs at that moment has no stack left."""
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
-        return False
-    depth, in_string, escaped = 0, False, False
-    for char in text:
-        if escaped:
-            escaped = False
-        elif in_string:
-            escaped, in_string = char == "\\", char != '"'
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return True
-        elif char in "]}":
-            depth -= 1
-    return False
-
-
-def parse_object(raw: bytes | str) -> dict:
-    """The JSON object of a body or a frame; anything else is a 400 that says what is wrong."""
+        body = b"{}"
     try:
-        text = raw if isinstance(raw, str) else bytes(raw).decode()  # JSON on the wire is UTF-8 (RFC 8259)
-        text.encode()
-    except UnicodeError:
-        raise bad_request("malformed JSON: not UTF-8") from None
-    if too_deep(text):
-        raise bad_request(f"malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        raise bad_request(describe(error)) from None
+
+
+def page_of(request: Request) -> Page:
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        raise bad_request("malformed JSON") from None
-    # A lone surrogate escape ("\ud800") is valid JSON, but no UTF-8 encoder takes the string it decodes to
-    # (the SDK's request body, JSONResponse, a WebSocket text frame): refuse it here, where it comes in.
-    if "\\u" in text and not encodable(value):
-        raise bad_request("malformed JSON: a lone surrogate escape (\\ud800-\\udfff)")
-    if not isinstance(value, dict):
-        raise bad_request("the body must be a JSON object")
-    return value
+        query = ListQuery.model_validate(dict(request.query_params))
+    except ValidationError as error:
+        raise bad_request(describe(error)) from None
+    return Page(query.limit, query.after, query.before, query.order)
 
 
-def encodable(value) -> bool:
-    try:
-        json.dumps(value, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+def state(request: Request | WebSocket):
+    return request.app.state
 
 
-def check_fields(body: dict, allowed: set[str]) -> None:
-    if unknown := sorted(set(body) - allowed):
-        raise bad_request(f"unknown field(s): {', '.join(unknown)}")
-
-
-def text_field(body: dict, name: str, max_chars: int, required: bool = False) -> str | None:
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise bad_request(f"{name}: required")
-        return None
-    if not isinstance(value, str):
-        raise bad_request(f"{name}: must be a string")
-    if required and not value.strip():
-        raise bad_request(f"{name}: must not be empty")
-    if len(value) > max_chars:
-        raise bad_request(f"{name}: at most {max_chars} characters")
-    return value
-
-
-def members_field(body: dict) -> list[str]:
-    members = body.get("members", [])
-    if not isinstance(members, list) or not all(isinstance(m, str) and m.strip() for m in members):
-        raise bad_request("members: must be a list of non-empty strings (user ids)")
-    members = list(dict.fromkeys(members))
-    if len(members) > MAX_MEMBERS or len(json.dumps(members)) > METADATA_VALUE_MAX_CHARS:
-        raise bad_request(f"members: at most {MAX_MEMBERS} and {METADATA_VALUE_MAX_CHARS} characters in all")
-    return members
-
-
-def assistants_field(body: dict, engine: Engine) -> list:
-    """The assistants a request names (`assistant` or `assistants`), or the default one."""
-    if "assistant" in body and "assistants" in body:
-        raise bad_request("assistant, assistants: give one or the other")
-    names = body.get("assistants")
-    if "assistant" in body:
-        names = [body["assistant"]]
-    if names is None:
-        names = [DEFAULT_ASSISTANT]
-    if (not isinstance(names, list) or not 1 <= len(names) <= MAX_ASSISTANTS_PER_RUN
-            or not all(isinstance(name, str) and name for name in names)):
-        field = "assistant" if "assistant" in body else "assistants"
-        raise bad_request(f"{field}: a non-empty assistant id or name (at most {MAX_ASSISTANTS_PER_RUN})")
-    return [engine.store.get(name) for name in names]
-
-
-def message_request(body: dict, engine: Engine) -> tuple[str, list]:
-    """The content of a new message and the assistants to run after it (none with "run": false)."""
-    check_fields(body, {"content", "assistant", "assistants", "run"})
-    content = text_field(body, "content", MAX_CONTENT_CHARS, required=True)
-    run = body.get("run", True)
-    if not isinstance(run, bool):
-        raise bad_request("run: must be true or false")
-    return content, assistants_field(body, engine) if run else []
-
-
-def run_request(body: dict, engine: Engine) -> list:
-    check_fields(body, {"assistant", "assistants"})
-    return assistants_field(body, engine)
+async def chosen_assistants(request: Request | WebSocket, sub: str, body: RunRequest) -> list:
+    return [await state(request).store.find_assistant(sub, name) for name in body.names(DEFAULT_ASSISTANT)]
 
 
 # ---------------------------------------------------------------- REST routes
@@ -226,139 +192,242 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def list_assistants(request: Request) -> JSONResponse:
-    return JSONResponse([assistant.as_json() for assistant in request.app.state.engine.store.list()])
+    listing = await state(request).store.list_assistants(request.user.sub, page_of(request))
+    return JSONResponse(listing.as_json(lambda assistant: assistant.as_json()))
 
 
 async def create_assistant(request: Request) -> JSONResponse:
-    body = await read_json(request)
-    check_fields(body, {"name", "model", "instructions"})
-    name = text_field(body, "name", MAX_NAME_CHARS, required=True)
-    model = text_field(body, "model", MAX_NAME_CHARS) or request.app.state.config.openai_model
-    instructions = text_field(body, "instructions", MAX_INSTRUCTIONS_CHARS) or ""
-    assistant, created = await request.app.state.engine.store.create_or_load(name, model, instructions)
+    body = await parsed(request, NewAssistant)
+    assistant, created = await state(request).store.create_or_load_assistant(
+        request.user.sub, body.name, body.model or state(request).config.openai_model, body.instructions)
     return JSONResponse(assistant.as_json(), status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
 async def get_assistant(request: Request) -> JSONResponse:
-    return JSONResponse(request.app.state.engine.store.get(request.path_params["assistant"]).as_json())
+    assistant = await state(request).store.find_assistant(request.user.sub, request.path_params["assistant"])
+    return JSONResponse(assistant.as_json())
+
+
+async def delete_assistant(request: Request) -> Response:
+    await state(request).store.delete_assistant(request.user.sub, request.path_params["assistant"])
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+async def list_threads(request: Request) -> JSONResponse:
+    listing = await state(request).store.list_threads(request.user.sub, page_of(request))
+    return JSONResponse(listing.as_json(lambda thread: thread.as_json()))
 
 
 async def create_thread(request: Request) -> JSONResponse:
-    body = await read_json(request, optional=True)
-    check_fields(body, {"members"})
-    if len(request.user.sub) > METADATA_VALUE_MAX_CHARS:
-        raise bad_request(f"the token's sub is too long to own a thread (at most {METADATA_VALUE_MAX_CHARS})")
-    members = [member for member in members_field(body) if member != request.user.sub]
-    thread = await request.app.state.engine.create_thread(request.user.sub, members)
+    body = await parsed(request, NewThread, optional=True)
+    thread = await state(request).store.create_thread(request.user.sub, body.members, body.title)
     return JSONResponse(thread.as_json(), status.HTTP_201_CREATED)
 
 
-async def visible_thread(request: Request):
-    return await request.app.state.engine.visible_thread(request.path_params["thread_id"], request.user.sub)
+async def visible_thread(request: Request | WebSocket):
+    return await state(request).store.visible_thread(request.path_params["thread_id"], request.user.sub)
+
+
+async def owned_thread(request: Request):
+    """The thread, for its owner; a member gets 403, anyone else the same 404 as for no thread."""
+    thread = await visible_thread(request)
+    if thread.owner != request.user.sub:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "only the thread's owner may do this")
+    return thread
 
 
 async def get_thread(request: Request) -> JSONResponse:
     return JSONResponse((await visible_thread(request)).as_json())
 
 
+async def change_thread(request: Request) -> JSONResponse:
+    thread = await owned_thread(request)
+    body = await parsed(request, ThreadChange)
+    thread, removed = await state(request).store.update_thread(thread.id, thread.owner, body.members, body.title)
+    if removed:
+        state(request).broker.signal({"kind": "members.removed", "thread_id": thread.id, "subs": sorted(removed)})
+    return JSONResponse(thread.as_json())
+
+
+async def delete_thread(request: Request) -> Response:
+    thread = await owned_thread(request)
+    await state(request).store.delete_thread(thread.id, thread.owner)
+    state(request).broker.signal({"kind": "thread.deleted", "thread_id": thread.id})
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 async def list_messages(request: Request) -> JSONResponse:
     thread = await visible_thread(request)
-    return JSONResponse(await request.app.state.engine.list_messages(thread.id))
+    return JSONResponse((await state(request).store.list_messages(thread.id, page_of(request))).as_json())
 
 
-async def post_message(request: Request):
+async def post_message(request: Request) -> Response:
     thread = await visible_thread(request)
-    engine = request.app.state.engine
-    content, assistants = message_request(await read_json(request), engine)
-
-    def work(events):
-        return engine.post_message(thread.id, request.user.sub, content, assistants, events)
-
-    if wants_event_stream(request):
-        return event_stream(request, thread.id, work)
-    turn = await submit(request, thread.id, work)
-    return JSONResponse(turn_json(turn, message=True), status.HTTP_201_CREATED)
+    body = await parsed(request, NewMessage)
+    assistants = await chosen_assistants(request, request.user.sub, body) if body.run else []
+    return await answer_runs(request, thread.id, body.content, assistants, status.HTTP_201_CREATED)
 
 
-async def start_runs(request: Request):
+async def start_runs(request: Request) -> Response:
     thread = await visible_thread(request)
-    engine = request.app.state.engine
-    assistants = run_request(await read_json(request, optional=True), engine)
+    body = await parsed(request, RunRequest, optional=True)
+    return await answer_runs(request, thread.id, None, await chosen_assistants(request, request.user.sub, body),
+                             status.HTTP_200_OK)
 
-    def work(events):
-        return engine.run_in_order(thread.id, assistants, events)
 
+async def answer_runs(request: Request, thread_id: str, content: str | None, assistants: list,
+                      status_code: int) -> Response:
+    """Submit, then answer once every run has ended: with JSON, or as it happens with Server-Sent Events.
+    The runs go on, and are stored, if the client leaves."""
+    app = state(request)
+    listening = contextlib.AsyncExitStack()
+    # Listen before submitting: the runs may start (on any process) the moment they are stored.
+    connection = await listening.enter_async_context(app.hub.joined(thread_id, request.user.sub, greet=False))
+    try:
+        submission = await app.engine.submit(thread_id, request.user.sub, content, assistants)
+    except BaseException:
+        await listening.aclose()
+        raise
     if wants_event_stream(request):
-        return event_stream(request, thread.id, work)
-    turn = await submit(request, thread.id, work)
-    if turn.failures and not turn.replies:
-        raise turn.failures[0][1]
-    return JSONResponse(turn_json(turn, message=False))
+        return EventStream(own_events(connection, submission, request.user, app.store), listening)
+    async with listening:
+        await until_runs_end(connection, submission, app.store)
+    outcome = await app.engine.outcome(submission)
+    if content is None and outcome["failures"] and len(outcome["failures"]) == len(submission.runs):
+        raise outcome["failures"][0]  # POST /runs: every run failed, so the request did
+    body = {"replies": outcome["replies"], "errors": outcome["errors"]}
+    if content is not None:
+        body = {"message": submission.message} | body
+    return JSONResponse(body, status_code)
 
 
-def turn_json(turn: Turn, message: bool) -> dict:
-    body = {"replies": turn.replies, "errors": turn.errors}
-    return {"message": turn.message} | body if message else body
+async def until_runs_end(connection: Connection, submission: Submission, store: Store) -> None:
+    waiting = {run.id for run in submission.runs}
+    while waiting:
+        try:
+            frame = await connection.get(timeout=RUN_CHECK_SECONDS)
+        except Closed:
+            raise NotFound("thread not found") from None  # deleted meanwhile
+        if frame is None or frame.type == "resync":
+            waiting -= {run.id for run in await store.runs(sorted(waiting)) if run.ended}
+        elif frame.type in TERMINAL:
+            waiting.discard(frame.run_id)
 
 
 def wants_event_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
 
 
-def thread_events(hub: Hub, thread_id: str, *more_sinks) -> ThreadEvents:
-    """Events of runs on the thread, for every socket on it and for any further sink."""
-    return ThreadEvents(functools.partial(hub.broadcast, thread_id), *more_sinks)
+def sse(frame, thread_id: str) -> str:
+    return f"id: {frame.seq}\nevent: {frame.type}\ndata: {frame.text(thread_id)}\n\n"
 
 
-def queue_work(request: Request, thread_id: str, work, *more_sinks) -> asyncio.Future:
-    events = thread_events(request.app.state.hub, thread_id, *more_sinks)
-    return request.app.state.engine.queue.submit(thread_id, lambda: work(events))
+class EventStream(StreamingResponse):
+    """Server-Sent Events; `closing` is exited once the response is over, however it ends."""
+
+    def __init__(self, frames, closing: contextlib.AsyncExitStack):
+        super().__init__(frames, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.closing = closing
+
+    async def __call__(self, scope, receive, send):
+        async with self.closing:
+            await super().__call__(scope, receive, send)
 
 
-async def submit(request: Request, thread_id: str, work) -> Turn:
-    """Queue the work on the thread and wait for it; the work goes on if this request goes away."""
-    return await asyncio.shield(queue_work(request, thread_id, work))
+async def frames_until_expiry(connection: Connection, user: User):
+    """The listener's frames, with keep-alive comments, until it is closed or the token expires."""
+    while (left := user.expires_at - time.time()) > 0:
+        try:
+            frame = await connection.get(timeout=min(SSE_KEEPALIVE_SECONDS, left))
+        except Closed:
+            return
+        yield frame
 
 
-def event_stream(request: Request, thread_id: str, work) -> StreamingResponse:
-    """The thread's events for this request's runs, as Server-Sent Events, ending after the last run."""
-    finished = object()
-    events_for_client: asyncio.Queue = asyncio.Queue()
-    future = queue_work(request, thread_id, work, events_for_client.put_nowait)
-    future.add_done_callback(lambda _: events_for_client.put_nowait(finished))
+async def own_events(connection: Connection, submission: Submission, user: User, store: Store):
+    """A POST's own events (its message.created, its runs'), ending after its last run."""
+    waiting = {run.id for run in submission.runs}
+    message_id = submission.message and submission.message["id"]
+    announced = message_id is None
+    async for frame in frames_until_expiry(connection, user):
+        if frame is None:
+            yield ": keep-alive\n\n"
+            # Quiet for a while: an event may have been lost on the way (the broker was down).
+            waiting -= {run.id for run in await store.runs(sorted(waiting)) if run.ended}
+            announced = announced or not waiting
+        elif frame.type == "message.created" and not announced and frame.event.fields()["message"]["id"] == message_id:
+            announced = True
+            yield sse(frame, connection.thread_id)
+        elif frame.run_id in waiting:
+            yield sse(frame, connection.thread_id)
+            if frame.type in TERMINAL:
+                waiting.discard(frame.run_id)
+        if announced and not waiting:
+            return
+
+
+async def thread_events(request: Request) -> Response:
+    """GET /threads/{id}/events: the thread's live events as Server-Sent Events, as a socket gets them."""
+    thread = await visible_thread(request)
+    after = resume_point(request.headers.get("last-event-id") or request.query_params.get("after"))
+    app, user = state(request), request.user
+    listening = contextlib.AsyncExitStack()
+    connection = await listening.enter_async_context(app.hub.joined(
+        thread.id, user.sub, after=after, socket_limit=app.config.max_sockets_per_user))
 
     async def frames():
-        while True:
-            try:
-                event = await asyncio.wait_for(events_for_client.get(), SSE_KEEPALIVE_SECONDS)
-            except TimeoutError:
-                yield ": keep-alive\n\n"
-                continue
-            if event is finished:
-                break
-            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-        if not future.cancelled() and isinstance(error := future.exception(), UpstreamError):
-            failure = {"type": "error", "error": error.as_json()}
-            yield f"event: error\ndata: {json.dumps(failure)}\n\n"
+        async for frame in frames_until_expiry(connection, user):
+            yield ": keep-alive\n\n" if frame is None else sse(frame, thread.id)
 
-    return StreamingResponse(frames(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(frames(), listening)
+
+
+def resume_point(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 20:
+        raise bad_request("after / Last-Event-ID: a seq, the number of the last event received")
+    return int(value)
+
+
+async def cancel_run(request: Request) -> JSONResponse:
+    thread = await visible_thread(request)
+    run = await cancel(state(request), thread.id, request.path_params["run_id"], request.user.sub)
+    return JSONResponse({"run_id": run.id, "status": run.status}, status.HTTP_202_ACCEPTED)
+
+
+async def cancel(app, thread_id: str, run_id: str, by: str):
+    run = await app.engine.cancel(thread_id, run_id, by)
+    if run.status == "active":  # stopped by whichever process runs it
+        app.broker.signal({"kind": "cancel", "run_id": run_id, "by": by})
+    return run
 
 
 # ---------------------------------------------------------------- WebSocket
 
 async def thread_socket(websocket: WebSocket) -> None:
-    engine, hub, user = websocket.app.state.engine, websocket.app.state.hub, websocket.scope["user"]
+    app, user = state(websocket), websocket.scope["user"]
     try:
-        thread = await engine.visible_thread(websocket.path_params["thread_id"], user.sub)
-    except NotFound as error:
-        return await websocket.send_denial_response(await not_found(websocket, error))
-    except UpstreamError as error:
-        return await websocket.send_denial_response(await upstream_failed(websocket, error))
+        thread = await visible_thread(websocket)
+        after = resume_point(websocket.query_params.get("after"))
+        async with app.hub.joined(thread.id, user.sub, after=after,
+                                  socket_limit=app.config.max_sockets_per_user) as connection:
+            close_code = await serve_socket(websocket, connection, user, app)
+    except (NotFound, TooManySockets, BrokerUnavailable, HTTPException) as error:  # before the handshake is accepted
+        return await websocket.send_denial_response(await handle_error(websocket, error))
+    if close_code is not None:
+        # Best effort: a socket that stopped reading may never take the close frame.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(websocket.close(close_code), timeout=1)
+
+
+async def serve_socket(websocket: WebSocket, connection: Connection, user: User, app) -> int | None:
+    """Accept, then write the thread's frames and read the client's until either side ends; returns the
+    close code to send (None when the client left)."""
     await websocket.accept(subprotocol=websocket.scope.get("auth_subprotocol"))
-    connection = hub.join(thread.id, websocket)
-    hub.send(connection, {"type": "thread.joined", "thread_id": thread.id, "clients": hub.clients(thread.id)})
-    reader = asyncio.create_task(read_frames(websocket, connection, thread, user.sub, engine, hub))
+    connection.start_writer(websocket.send_text)
+    reader = asyncio.create_task(read_frames(websocket, connection, connection.thread_id, user.sub, app))
     try:
         async with asyncio.timeout(max(0.0, user.expires_at - time.time())):
             await asyncio.wait([reader, connection.writer], return_when=asyncio.FIRST_COMPLETED)
@@ -366,25 +435,16 @@ async def thread_socket(websocket: WebSocket) -> None:
         connection.close(WS_TOKEN_EXPIRED)
     finally:
         reader.cancel()
-        await hub.leave(connection)
         (failure,) = await asyncio.gather(reader, return_exceptions=True)
-        if isinstance(failure, Exception):
+        if isinstance(failure, Exception) and not isinstance(failure, WebSocketDisconnect):
             log.error("reading frames from a socket failed", exc_info=failure)
-    if connection.close_code is not None:
-        # Best effort: a socket that stopped reading may never accept the close frame.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(websocket.close(connection.close_code), timeout=1)
+    return connection.close_code
 
 
-async def read_frames(websocket: WebSocket, connection, thread, author: str, engine: Engine, hub: Hub) -> None:
+async def read_frames(websocket: WebSocket, connection: Connection, thread_id: str, sub: str, app) -> None:
     def reply_error(code: str, message: str) -> None:
-        hub.send(connection, {"type": "error", "error": {"code": code, "message": message}})
+        connection.note({"type": "error", "error": {"code": code, "message": message}})
 
-    def report_unsaved_message(done: asyncio.Future) -> None:
-        if not done.cancelled() and isinstance(error := done.exception(), UpstreamError):
-            reply_error(error.code, error.message)
-
-    events = thread_events(hub, thread.id)
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
@@ -397,22 +457,24 @@ async def read_frames(websocket: WebSocket, connection, thread, author: str, eng
             reply_error("invalid_frame", f"frame over {MAX_FRAME_CHARS} characters")
             continue
         try:
-            fields = parse_object(text)
-            kind = fields.pop("type", None)
-            if kind == "message":
-                content, assistants = message_request(fields, engine)
-                work = functools.partial(engine.post_message, thread.id, author, content, assistants, events)
-            elif kind == "run":
-                work = functools.partial(engine.run_in_order, thread.id, run_request(fields, engine), events)
+            frame = Frame.validate_json(text)
+            if isinstance(frame, CancelFrame):
+                await cancel(app, thread_id, frame.run_id, sub)
             else:
-                raise bad_request('type: must be "message" or "run"')
-            engine.queue.submit(thread.id, work).add_done_callback(report_unsaved_message)
-        except HTTPException as error:
-            reply_error("invalid_frame", error.detail)
+                content = frame.content if isinstance(frame, MessageFrame) else None
+                run = not isinstance(frame, MessageFrame) or frame.run
+                assistants = await chosen_assistants(websocket, sub, frame) if run else []
+                await app.engine.submit(thread_id, sub, content, assistants)
+        except ValidationError as error:
+            reply_error("invalid_frame", describe(error))
         except NotFound as error:
-            reply_error("not_found", error.detail)
-        except RunQueueFull:
-            reply_error("queue_full", "too many runs are waiting on this thread; try again shortly")
+            reply_error("not_found", error.message)
+        except Conflict as error:
+            reply_error("conflict", error.message)
+        except LimitReached as error:
+            reply_error("limit_reached", error.message)
+        except ServiceStopping as error:
+            reply_error("unavailable", error.message)
 
 
 # ---------------------------------------------------------------- errors
@@ -421,58 +483,84 @@ def error_response(status_code: int, detail: str, headers: dict | None = None) -
     return JSONResponse({"detail": detail}, status_code, headers=headers)
 
 
-async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-    return error_response(error.status_code, error.detail, error.headers)
+def retry_after(seconds: float | None) -> dict | None:
+    return {"Retry-After": str(max(1, round(seconds)))} if seconds else None
 
 
-async def not_found(request: Request, error: NotFound) -> JSONResponse:
-    return error_response(status.HTTP_404_NOT_FOUND, error.detail)
-
-
-async def queue_full(request: Request, error: RunQueueFull) -> JSONResponse:
-    return error_response(status.HTTP_429_TOO_MANY_REQUESTS, "too many runs are waiting on this thread",
-                          {"Retry-After": str(error.retry_after)})
-
-
-async def upstream_failed(request: Request, error: UpstreamError) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(error.retry_after)))} if error.retry_after else None
-    return error_response(error.status_code, error.message, headers)
-
-
-async def internal_error(request: Request, error: Exception) -> JSONResponse:
+async def handle_error(request: Request | WebSocket, error: Exception) -> Response:
+    """The one table from the service's errors to HTTP answers."""
+    if isinstance(error, HTTPException):
+        return error_response(error.status_code, error.detail, error.headers)
+    if isinstance(error, NotFound):
+        return error_response(status.HTTP_404_NOT_FOUND, error.message)
+    if isinstance(error, Conflict):
+        return error_response(status.HTTP_409_CONFLICT, error.message)
+    if isinstance(error, (LimitReached, TooManySockets)):
+        return error_response(status.HTTP_429_TOO_MANY_REQUESTS, error.message,
+                              retry_after(getattr(error, "retry_after", None)))
+    if isinstance(error, (ServiceStopping, BrokerUnavailable)):
+        return error_response(status.HTTP_503_SERVICE_UNAVAILABLE, error.message, retry_after(5))
+    if isinstance(error, UpstreamError):
+        code = {UpstreamRateLimited: status.HTTP_503_SERVICE_UNAVAILABLE,
+                UpstreamTimeout: status.HTTP_504_GATEWAY_TIMEOUT}.get(type(error), status.HTTP_502_BAD_GATEWAY)
+        return error_response(code, error.message, retry_after(error.retry_after))
     return error_response(status.HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
+
+
+async def client_left(request: Request, error: ClientDisconnect) -> None:
+    """The client's own doing: one line, no traceback, and nothing to answer."""
+    log.info('%s "%s %s": the client left before sending its whole body', request.client and request.client.host,
+             request.method, request.url.path)
+
+
+class StartupRefused(Exception):
+    """A configuration this service cannot run as; uvicorn shows the message alone, not a traceback."""
+
+
+class RefusalsInOneLine:
+    """Starlette reports a failed start-up with the whole traceback; for a refusal, the reason is enough."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_reason(message):
+            # Starlette sends startup.failed from inside its `except` block: the error is the one being handled.
+            if message["type"] == "lifespan.startup.failed" and isinstance(error := sys.exc_info()[1], StartupRefused):
+                message = message | {"message": str(error)}
+            await send(message)
+
+        await self.app(scope, receive, send_reason)
 
 
 # ---------------------------------------------------------------- app
 
 @contextlib.contextmanager
-def close_sockets_before_server_stops(hub: Hub):
-    """uvicorn closes the sockets still open with 1012 (service restart) at its next tick after
-    SIGINT/SIGTERM, before the lifespan ends; close them first with 1001 (going away), which is what
-    the service promises, and only then let uvicorn's own handler see the signal."""
+def stop_gracefully_on_signals(stop):
+    """On SIGINT/SIGTERM, run `stop()` (runs finish, then sockets close with 1001) before uvicorn's own
+    handler sees the signal: uvicorn would otherwise close the sockets with 1012 at its next tick."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     loop = asyncio.get_running_loop()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    goodbyes: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+    stopping: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
-    async def goodbye_then_stop(sig, frame):
-        if endpoints := hub.close_all(status.WS_1001_GOING_AWAY):
-            await asyncio.wait(endpoints, timeout=2)
+    async def stop_then_let_uvicorn_know(sig, frame):
+        await stop()
         previous[sig](sig, frame)
 
-    def start_goodbye(sig, frame):
-        task = loop.create_task(goodbye_then_stop(sig, frame))
-        goodbyes.add(task)
-        task.add_done_callback(goodbyes.discard)
-
-    def say_goodbye(sig, frame):
-        loop.call_soon_threadsafe(start_goodbye, sig, frame)
+    def on_signal(sig, frame):
+        task = loop.create_task(stop_then_let_uvicorn_know(sig, frame))
+        stopping.add(task)
+        task.add_done_callback(stopping.discard)
 
     for sig, handler in previous.items():
         if callable(handler):
-            signal.signal(sig, say_goodbye)
+            signal.signal(sig, lambda sig, frame: loop.call_soon_threadsafe(on_signal, sig, frame))
     try:
         yield
     finally:
@@ -481,82 +569,181 @@ def close_sockets_before_server_stops(hub: Hub):
                 signal.signal(sig, handler)
 
 
+def shared_assistants(path: Path) -> list[dict]:
+    """The operator's shared assistants: a JSON list of {"name", "model"?, "instructions"?, "id"?}."""
+    if not path.exists():
+        return []
+    try:
+        declared = json.loads(path.read_text())
+        if not isinstance(declared, list) or not all(isinstance(item, dict) and item.get("name") for item in declared):
+            raise ValueError("expected a list of objects with a name")
+    except ValueError as error:
+        raise StartupRefused(f"{path} is not a valid shared-assistants file ({error}); fix or remove it") from None
+    return declared
+
+
+def redacted_url(url: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if parts.netloc else url
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette):
     config: Config = app.state.config
     async with contextlib.AsyncExitStack() as stack:
+        store = Store(database_for(config.database_url), config.limits)
+        await store.open()
+        stack.push_async_callback(store.close)
+        broker = broker_for(config.redis_url, config.resume_window, config.redis_prefix)
+        if not broker.shared_across_processes() and not await store.db.hold_process_lock():
+            raise StartupRefused(SEVERAL_PROCESSES.format(database=redacted_url(config.database_url)))
+        if app.state.jwt is None:
+            secret, _ = await store.setting(JWT_SECRET_SETTING, generate_secret)
+            app.state.jwt = JWTSettings.from_env(config.environ, generated_secret=secret)
+
         api_key, base_url = config.openai_api_key, config.openai_base_url
         if not api_key and not base_url:
             app.state.offline_model = OfflineModel(token_delay=config.offline_token_delay)
             base_url = await stack.enter_async_context(serve_on_loopback(app.state.offline_model.app)) + "/v1"
             api_key = "offline"
             log.warning("No OPENAI_API_KEY: replies come from the built-in offline model (%s)", base_url)
+        else:
+            log.info("Upstream: %s, model %s by default", base_url or "https://api.openai.com/v1", config.openai_model)
         client = openai.AsyncOpenAI(
             api_key=api_key or "none", base_url=base_url, max_retries=config.openai_max_retries,
             timeout=openai.Timeout(config.openai_timeout_seconds, connect=5.0))
         stack.push_async_callback(client.close)
-        store = AssistantStore(config.assistants_file)
-        await store.create_or_load(DEFAULT_ASSISTANT, config.openai_model, DEFAULT_INSTRUCTIONS)
-        engine = Engine(client, store, max_waiting_runs=config.max_waiting_runs)
-        stack.push_async_callback(engine.aclose)
-        hub = Hub()
-        # Under uvicorn the sockets are closed before this runs (see close_sockets_before_server_stops);
-        # this is for servers that end the lifespan with sockets still open.
-        stack.callback(hub.close_all, status.WS_1001_GOING_AWAY)
-        if app.state.jwt.secret_is_generated:
-            log.warning("%s", demo_tokens_banner(app.state.jwt))
-        app.state.engine, app.state.hub = engine, hub
-        with close_sockets_before_server_stops(hub):
+
+        declared = shared_assistants(config.assistants_file)
+        if not any(item["name"] == DEFAULT_ASSISTANT for item in declared):
+            await store.ensure_shared(DEFAULT_ASSISTANT, config.openai_model, DEFAULT_INSTRUCTIONS)
+        for item in declared:
+            await store.ensure_shared(item["name"], item.get("model") or config.openai_model,
+                                      item.get("instructions") or "", item.get("id"), update=True)
+
+        hub = Hub(broker)
+        engine = Engine(client, store, ThreadEvents(broker.publish), broker.process_id,
+                        context_chars=config.context_chars, lease_seconds=config.run_lease_seconds)
+
+        def on_signal(message: dict) -> None:
+            kind = message.get("kind")
+            if kind == "cancel":
+                engine.stop_run(message["run_id"], message["by"])
+            elif kind == "thread.deleted":
+                hub.close_thread(message["thread_id"], WS_THREAD_DELETED)
+                engine.forget_thread(message["thread_id"])
+            elif kind == "members.removed":
+                hub.close_thread(message["thread_id"], WS_REMOVED_FROM_THREAD, set(message["subs"]))
+
+        await broker.open(hub.deliver, on_signal, hub.resync)
+        stack.push_async_callback(broker.close)
+        log.info("Database: %s; live events: %s", redacted_url(config.database_url),
+                 redacted_url(config.redis_url) if config.redis_url else "this process only (no REDIS_URL)")
+        await engine.start()
+
+        async def stop() -> None:
+            await engine.stop(config.shutdown_grace_seconds)
+            if endpoints := hub.close_all(status.WS_1001_GOING_AWAY):
+                await asyncio.wait(endpoints, timeout=2)
+
+        stack.push_async_callback(stop)  # for servers that end the lifespan with sockets still open
+        if app.state.jwt.secret_is_generated and await broker.claim_once("demo-tokens", 10):
+            # Printed, not logged: the log never holds a token.
+            print(demo_tokens_banner(app.state.jwt), file=sys.stderr, flush=True)
+        app.state.store, app.state.broker, app.state.hub, app.state.engine = store, broker, hub, engine
+        with stop_gracefully_on_signals(stop):
             yield
 
 
 def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = None) -> Starlette:
-    jwt_settings = jwt_settings or JWTSettings.from_env()
+    """`jwt_settings` None: from the environment at start-up, the secret generated once and kept in the
+    database when JWT_SECRET_KEY is unset."""
+    config = config or Config.from_env()
+    if jwt_settings is None and config.environ.get("JWT_SECRET_KEY"):
+        jwt_settings = JWTSettings.from_env(config.environ)
+    middleware = [Middleware(RefusalsInOneLine), Middleware(JWTAuthMiddleware, settings=jwt_settings)]
+    if config.cors_origins:  # outside the JWT check: a preflight carries no token
+        middleware.insert(1, Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                                        allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                                        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                                        expose_headers=["Retry-After"], max_age=600))
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/assistants", list_assistants, methods=["GET"]),
             Route("/assistants", create_assistant, methods=["POST"]),
             Route("/assistants/{assistant}", get_assistant, methods=["GET"]),
+            Route("/assistants/{assistant}", delete_assistant, methods=["DELETE"]),
+            Route("/threads", list_threads, methods=["GET"]),
             Route("/threads", create_thread, methods=["POST"]),
             Route("/threads/{thread_id}", get_thread, methods=["GET"]),
+            Route("/threads/{thread_id}", change_thread, methods=["PATCH"]),
+            Route("/threads/{thread_id}", delete_thread, methods=["DELETE"]),
             Route("/threads/{thread_id}/messages", list_messages, methods=["GET"]),
             Route("/threads/{thread_id}/messages", post_message, methods=["POST"]),
             Route("/threads/{thread_id}/runs", start_runs, methods=["POST"]),
+            Route("/threads/{thread_id}/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+            Route("/threads/{thread_id}/events", thread_events, methods=["GET"]),
             WebSocketRoute("/threads/{thread_id}/ws", thread_socket),
         ],
-        middleware=[Middleware(JWTAuthMiddleware, settings=jwt_settings)],
-        exception_handlers={
-            HTTPException: http_error,
-            NotFound: not_found,
-            RunQueueFull: queue_full,
-            UpstreamError: upstream_failed,
-            Exception: internal_error,
-        },
+        middleware=middleware,
+        exception_handlers={Exception: handle_error, ClientDisconnect: client_left} | {kind: handle_error for kind in (
+            HTTPException, NotFound, Conflict, LimitReached, TooManySockets, ServiceStopping, BrokerUnavailable,
+            UpstreamError)},
         lifespan=lifespan,
     )
-    app.state.config = config or Config.from_env()
+    app.state.config = config
     app.state.jwt = jwt_settings
     return app
 
 
-class DeniedHandshakeNoise(logging.Filter):
-    """uvicorn's default WebSocket protocol logs this error after every denial response (the HTTP
-    401/404 a refused handshake gets), although the client received it; this app always either
-    accepts or denies, so the line is noise."""
+class ClientMisbehaviourInOneLine(logging.Filter):
+    """What uvicorn logs of a WebSocket client's own doing, as one line or none. A denial response (the
+    HTTP 401/404/429 a refused handshake gets) is followed by an error about an incomplete handshake,
+    although the client got its answer: noise, dropped. A text frame that is not UTF-8 is closed with
+    1007 and logged with a traceback: one warning line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "ASGI callable returned without completing handshake."
+        if record.msg == "ASGI callable returned without completing handshake.":
+            return False
+        if record.msg == "Invalid UTF-8 sequence received from client." and record.exc_info:
+            record.msg, record.args = "a WebSocket client sent a text frame that is not UTF-8: closed with 1007", ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+SECRETS_IN_TEXT = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*|(?<=token=)[^&\s\"']+|sk-[\w*-]{6,}", re.ASCII)
+
+
+def redact(value):
+    return SECRETS_IN_TEXT.sub("[redacted]", value) if isinstance(value, str) else value
+
+
+class RedactSecrets(logging.Filter):
+    """No token or key in any log line, the access log included: whatever a client puts in a URL or a
+    header that ends up logged, and whatever an upstream error quotes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(arg) for arg in record.args)
+        return True
 
 
 def configure_logging() -> None:
-    logging.getLogger("uvicorn.error").addFilter(DeniedHandshakeNoise())
+    logging.getLogger("uvicorn.error").addFilter(ClientMisbehaviourInOneLine())
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    redaction = RedactSecrets()
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "gainz"):
+        for handler in logging.getLogger(name).handlers:
+            if redaction not in handler.filters and not any(isinstance(f, RedactSecrets) for f in handler.filters):
+                handler.addFilter(redaction)
 
 
 load_dotenv(".env")

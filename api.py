@@ -1,0 +1,140 @@
+"""The shapes of the API: request bodies, WebSocket frames and list queries as pydantic models.
+
+Strict (no coercion: `"run": "yes"` is refused) and closed (unknown fields are refused). pydantic's
+JSON parser refuses invalid UTF-8, lone surrogate escapes and absurd nesting by itself. The same
+models, with the resources', give the OpenAPI document its schemas (see `openapi.py`).
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter,
+                      ValidationError, model_validator)
+
+MAX_CONTENT_CHARS = 32_000
+MAX_NAME_CHARS = 64
+MAX_MODEL_CHARS = 128
+MAX_INSTRUCTIONS_CHARS = 32_000
+MAX_TITLE_CHARS = 200
+MAX_SUB_CHARS = 256
+MAX_MEMBERS = 10
+MAX_ASSISTANTS_PER_RUN = 8
+MAX_LIST_LIMIT = 1000
+
+
+def not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+def distinct(items: list) -> list:
+    return list(dict.fromkeys(items))
+
+
+def text(max_chars: int, description: str):
+    return Annotated[str, StringConstraints(min_length=1, max_length=max_chars), AfterValidator(not_blank),
+                     Field(description=description)]
+
+
+Content = text(MAX_CONTENT_CHARS, "the message's text")
+Name = text(MAX_NAME_CHARS, "unique among the caller's assistants")
+Model = text(MAX_MODEL_CHARS, "the upstream's model name")
+Instructions = Annotated[str, Field(max_length=MAX_INSTRUCTIONS_CHARS, description="sent with every run")]
+Title = text(MAX_TITLE_CHARS, "a title; by default the start of the first message")
+Sub = text(MAX_SUB_CHARS, "a user id (a token's sub)")
+AssistantRef = text(MAX_NAME_CHARS + 64, "an assistant's id or name")
+Members = Annotated[list[Sub], Field(max_length=MAX_MEMBERS, description="user ids who share the thread"),
+                    AfterValidator(distinct)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class NewAssistant(Body):
+    name: Name
+    model: Model | None = None
+    instructions: Instructions = ""
+
+
+class NewThread(Body):
+    members: Members = []
+    title: Title | None = None
+
+
+class ThreadChange(Body):
+    members: Members | None = None
+    title: Title | None = None
+
+
+class RunRequest(Body):
+    assistant: AssistantRef | None = Field(None, description="the assistant to run (default: the default one)")
+    assistants: Annotated[list[AssistantRef], Field(min_length=1, max_length=MAX_ASSISTANTS_PER_RUN)] | None = Field(
+        None, description="several assistants, run in turn on the thread")
+
+    @model_validator(mode="after")
+    def one_way_to_name_assistants(self):
+        if self.assistant is not None and self.assistants is not None:
+            raise ValueError("give assistant or assistants, not both")
+        return self
+
+    def names(self, default: str) -> list[str]:
+        return self.assistants or [self.assistant or default]
+
+
+class NewMessage(RunRequest):
+    content: Content
+    run: bool = Field(True, description="false: store the message without running any assistant")
+
+
+class MessageFrame(NewMessage):
+    type: Literal["message"]
+
+
+class RunFrame(RunRequest):
+    type: Literal["run"]
+
+
+class CancelFrame(Body):
+    type: Literal["cancel"]
+    run_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+Frame: TypeAdapter[MessageFrame | RunFrame | CancelFrame] = TypeAdapter(
+    Annotated[MessageFrame | RunFrame | CancelFrame, Field(discriminator="type")])
+
+
+class ListQuery(BaseModel):
+    """`?limit=&after=&before=&order=` on every list; values come as text, so this one is not strict."""
+
+    model_config = ConfigDict(extra="ignore")
+    limit: Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT)] = 100
+    after: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    before: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    order: Literal["asc", "desc"] | None = None
+
+
+MESSAGES = {
+    "extra_forbidden": "unknown field",
+    "missing": "required",
+    "json_invalid": "malformed JSON",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "union_tag_not_found": 'required: "message", "run" or "cancel"',
+    "union_tag_invalid": 'must be "message", "run" or "cancel"',
+}
+
+
+def describe(error: ValidationError) -> str:
+    """The first problem, for a person: the field first (`members[2]: must not be blank`)."""
+    first = error.errors(include_url=False, include_input=False)[0]
+    where = ""
+    for part in first["loc"]:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part not in ("message", "run", "cancel") or not where and first["loc"][0] != part:
+            where += f".{part}" if where else str(part)
+    message = MESSAGES.get(first["type"], first["msg"].removeprefix("Value error, "))
+    if first["type"] == "json_invalid":
+        return f"malformed JSON: {first['ctx'].get('error', 'invalid')}" if first.get("ctx") else message
+    return f"{where}: {message}" if where else message
