@@ -1,0 +1,134 @@
+"""The run command: uvicorn serving `main:app`, with the connection limits a service on the open internet
+needs and uvicorn does not give by itself.
+
+    python serve.py [any uvicorn option: --workers 2, --host 0.0.0.0, --port 8080, --reload, ...]
+
+What it adds (an option given on the command line wins over its default here):
+- a request head must arrive whole within REQUEST_HEAD_TIMEOUT seconds (5) of connecting, or of the
+  previous response on a kept-alive connection; uvicorn itself waits forever (slowloris);
+- a WebSocket client that floods pings without reading the pongs stops being read once the pongs it
+  left unread pass the transport's buffer: uvicorn would queue them without bound;
+- WebSocket frames over 256 KiB are refused with 1009 (the service accepts 65,536 characters a frame;
+  uvicorn's default, 16 MiB, lets a few clients take gigabytes);
+- the process may open as many files as its hard limit allows (one per connection);
+- with --workers, a worker that refuses to start stops the server with exit code 3 (uvicorn exits 0).
+`uvicorn main:app` still works, without these guards.
+"""
+
+import importlib
+import os
+import resource
+import sys
+from pathlib import Path
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+REQUEST_HEAD_TIMEOUT = float(os.environ.get("REQUEST_HEAD_TIMEOUT") or 5)
+UVICORN_DEFAULTS = [
+    "--app-dir", str(Path(__file__).resolve().parent),
+    "--http", "serve:GuardedHTTP",
+    "--ws", "serve:GuardedWebSocket",
+    "--ws-max-size", str(256 * 1024),
+    "--timeout-keep-alive", "5",
+    "--timeout-graceful-shutdown", "5",
+]
+
+
+class GuardedHTTP(H11Protocol):
+    """HTTP/1.1 (h11) that closes a connection whose request head is not complete in time."""
+
+    _head_timer = None
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _watch_for_a_head(self) -> None:
+        # Waiting for a head is when both sides of h11 are idle; the deadline is set once, so a client
+        # trickling a byte at a time does not move it.
+        waiting = (not self.transport.is_closing() and self.conn.our_state is h11.IDLE
+                   and self.conn.their_state is h11.IDLE)
+        if not waiting:
+            self._cancel_head_timer()
+        elif self._head_timer is None:
+            self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._head_too_late)
+
+    def _head_too_late(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._watch_for_a_head()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.transport.get_protocol() is self:  # not upgraded to a WebSocket meanwhile
+            self._watch_for_a_head()
+
+    def handle_websocket_upgrade(self, event) -> None:
+        self._cancel_head_timer()
+        super().handle_websocket_upgrade(event)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch_for_a_head()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+
+class GuardedWebSocket(WebSocketsSansIOProtocol):
+    """WebSockets (websockets' sans-I/O protocol) that stop reading while the client leaves its own
+    frames (pongs, mostly) unread, so that a ping flood cannot grow the server's memory."""
+
+    write_paused = False
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.write_paused = False
+        if not self.read_paused:
+            self.transport.resume_reading()
+
+    async def receive(self):
+        message = await super().receive()  # may resume reading: not while the client does not read
+        if self.write_paused:
+            self.transport.pause_reading()
+        return message
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        if self.transport.get_write_buffer_size():  # a close frame would never get through: drop it
+            self.transport.abort()
+
+
+def main(argv: list[str]) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    class Workers(Multiprocess):
+        def run(self, *args, **kwargs):
+            super().run(*args, **kwargs)
+            if any(process.exitcode == STARTUP_FAILURE for process in self.processes):
+                sys.exit(STARTUP_FAILURE)
+
+    # The module, not `uvicorn.main`: the package replaces that name with the click command.
+    cli = importlib.import_module("uvicorn.main")
+    cli.Multiprocess = Workers
+    cli.main.main(args=["main:app", *UVICORN_DEFAULTS, *argv], prog_name="python serve.py")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
