@@ -28,7 +28,9 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from auth import JWTAuthMiddleware, JWTSettings, TokenError, User, demo_tokens_banner
+from auth import (JWT_SECRET_SETTING, JWTAuthMiddleware, JWTSettings, TokenError, User, demo_tokens_banner,
+                  generate_secret)
+from store import Store, database_for
 
 SECRET = "test-secret-" + "x" * 64  # long enough that pyjwt accepts it for HS512 without a warning
 SETTINGS = JWTSettings(secret=SECRET)
@@ -208,12 +210,19 @@ def test_audience_unset_means_not_checked(client):
 # ---------- settings, mint, verify ----------
 
 
-def test_from_env_defaults_generate_a_secret():
-    settings = JWTSettings.from_env({})
-    other = JWTSettings.from_env({"JWT_SECRET_KEY": ""})
-    assert settings.secret_is_generated and other.secret_is_generated
-    assert len(settings.secret) >= 64 and settings.secret != other.secret
+def test_without_a_configured_secret_the_generated_one_is_used_and_marked_so():
+    generated = generate_secret()
+    settings = JWTSettings.from_env({"JWT_SECRET_KEY": ""}, generated_secret=generated)
+    assert settings.secret == generated
+    assert settings.secret_is_generated
+    assert len(generated) >= 64
+    assert generate_secret() != generated
     assert (settings.algorithm, settings.expires_in_hours, settings.audience, settings.issuer) == ("HS256", 12, None, None)
+    configured = JWTSettings.from_env({"JWT_SECRET_KEY": SECRET}, generated_secret=generated)
+    assert configured.secret == SECRET
+    assert not configured.secret_is_generated
+    with pytest.raises(ValueError, match="must not be empty"):
+        JWTSettings.from_env({})
 
 
 def test_from_env_reads_every_variable_and_empty_means_unset():
@@ -247,7 +256,8 @@ def test_mint_claims_and_verify_round_trip():
     before = time.time()
     token = SETTINGS.mint("erin", hours=2)
     payload = jwt.decode(token, SECRET, algorithms=["HS256"])
-    assert set(payload) == {"sub", "iat", "exp"} and payload["sub"] == "erin"
+    assert set(payload) == {"sub", "iat", "exp"}
+    assert payload["sub"] == "erin"
     assert before + 2 * 3600 - 2 <= payload["exp"] <= time.time() + 2 * 3600 + 1
     assert SETTINGS.verify(token) == User(sub="erin", expires_at=float(payload["exp"]))
 
@@ -263,24 +273,26 @@ def test_token_error_never_carries_the_token():
     with pytest.raises(TokenError) as caught:
         SETTINGS.verify(token)
     assert caught.value.detail == "invalid token"
-    assert token not in str(caught.value) and caught.value.__cause__ is None
+    assert token not in str(caught.value)
+    assert caught.value.__cause__ is None
 
 
 def test_demo_tokens_banner():
-    settings = JWTSettings.from_env({})
+    settings = JWTSettings.from_env({}, generated_secret=generate_secret())
     banner = demo_tokens_banner(settings)
     for user in ("alice", "bob"):
         line = next(line for line in banner.splitlines() if line.strip().startswith(f"{user}: Authorization: Bearer "))
         assert settings.verify(line.rsplit(" ", 1)[1]).sub == user
-    assert "random secret" in banner and "JWT_SECRET_KEY" in banner
-    assert "random secret" not in demo_tokens_banner(SETTINGS)
+    assert "generated for this database" in banner
+    assert "JWT_SECRET_KEY" in banner
+    assert "generated" not in demo_tokens_banner(SETTINGS)
 
 
 # ---------- CLI ----------
 
 
 def run_cli(tmp_path, *args, **env):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("JWT_")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("JWT_", "DATABASE_URL"))}
     return subprocess.run(
         [sys.executable, str(AUTH_PY), *args], env={**clean, **env}, cwd=tmp_path, capture_output=True, text=True
     )
@@ -300,15 +312,31 @@ def test_cli_reads_dotenv_in_working_directory(tmp_path):
     result = run_cli(tmp_path, "frank")
     assert result.returncode == 0, result.stderr
     user = SETTINGS.verify(result.stdout.strip())
-    assert user.sub == "frank" and abs(user.expires_at - (time.time() + 3 * 3600)) < 60
+    assert user.sub == "frank"
+    assert abs(user.expires_at - (time.time() + 3 * 3600)) < 60
 
 
-def test_cli_without_secret_explains_and_exits_2(tmp_path):
+def test_cli_without_any_secret_explains_and_exits_2_without_creating_a_database(tmp_path):
     result = run_cli(tmp_path, "carol")
     assert result.returncode == 2
     assert result.stdout == ""
-    for hint in ("JWT_SECRET_KEY", ".env", "secrets.token_urlsafe(32)", "demo tokens"):
+    for hint in ("JWT_SECRET_KEY", ".env", "secrets.token_urlsafe(32)", "start the service once", "gainz.db"):
         assert hint in result.stderr
+    assert not (tmp_path / "gainz.db").exists()
+
+
+def test_cli_without_a_configured_secret_mints_with_the_one_the_service_generated(tmp_path):
+    async def generated_by_the_service() -> str:
+        store = Store(database_for(f"sqlite:///{tmp_path}/gainz.db"))
+        await store.open()
+        secret, _ = await store.setting(JWT_SECRET_SETTING, generate_secret)
+        await store.close()
+        return secret
+
+    secret = asyncio.run(generated_by_the_service())
+    result = run_cli(tmp_path, "carol")
+    assert result.returncode == 0, result.stderr
+    assert JWTSettings(secret=secret).verify(result.stdout.strip()).sub == "carol"
 
 
 @pytest.mark.parametrize(
@@ -323,7 +351,8 @@ def test_cli_without_secret_explains_and_exits_2(tmp_path):
 def test_cli_bad_configuration_exits_2_without_traceback(tmp_path, env, args, message):
     result = run_cli(tmp_path, *args, JWT_SECRET_KEY=SECRET, **env)
     assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
     assert result.stdout == ""
 
 
@@ -380,12 +409,18 @@ def test_ws_token_in_query_is_kept_out_of_the_access_log(ws_url, caplog):
     caplog.set_level(logging.INFO, logger="uvicorn.access")
     assert asyncio.run(receive_sub(f"{ws_url}?token={token}&room=1"))[0] == "carol"
     logged = "\n".join(record.getMessage() for record in caplog.records)
-    assert "/ws?room=1" in logged and token not in logged
+    assert "/ws?room=1" in logged
+    assert token not in logged
 
 
-def test_ws_header_is_preferred_over_query(ws_url):
+def test_ws_header_is_preferred_over_query_and_the_unused_query_token_is_not_logged(ws_url, caplog):
+    caplog.set_level(logging.INFO)
+    query_token = signed(sub="bob")
     kwargs = {"additional_headers": {"Authorization": f"Bearer {signed(sub='alice')}"}}
-    assert asyncio.run(receive_sub(f"{ws_url}?token={signed(sub='bob')}", **kwargs))[0] == "alice"
+    assert asyncio.run(receive_sub(f"{ws_url}?token={query_token}", **kwargs))[0] == "alice"
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "/ws" in logged
+    assert query_token not in logged
 
 
 @pytest.mark.parametrize(
