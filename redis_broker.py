@@ -180,6 +180,14 @@ class RedisBroker:
         self._wakeup.set()
 
     async def _publisher(self) -> None:
+        while True:
+            try:
+                await self._publish_pending()
+            except Exception:  # as with the reader: stopping would lose every event from then on
+                log.exception("publishing events failed")
+                await asyncio.sleep(RECONNECT_CHECK_SECONDS)
+
+    async def _publish_pending(self) -> None:
         delay = 0.05
         while True:
             if not self.pending:
@@ -229,31 +237,37 @@ class RedisBroker:
     async def _reader(self) -> None:
         while True:
             try:
-                message = await self.pubsub.get_message(timeout=1.0)
+                await self._read_one()
             except (RedisError, OSError) as error:
                 self._unhealthy("reading events", error)
                 await asyncio.sleep(RECONNECT_CHECK_SECONDS)
-                continue
-            if not self.healthy:
-                await self._recover()
-            if message is None:
-                continue
-            if message["type"] == "subscribe" and message["channel"] in self._confirmed:
-                self._confirmed[message["channel"]].set()
-            if message["type"] != "message":
-                continue
-            channel, data = message["channel"], message["data"]
-            if channel == self.prefix + "signals":
-                signal = json.loads(data)
-                if signal.pop("origin", None) != self.process_id:
-                    self._on_signal(signal)
-                continue
-            thread_id = channel.removeprefix(self.prefix + "t:")
-            follow = self.follows.get(thread_id)
-            # Parse only what is new: the seq leads the text, and this process's own events come back too.
-            seq = int(data[7:data.index(",")])
-            if follow is not None and (follow.expected is None or seq > follow.expected):
-                self._receive(thread_id, [Event.from_text(data)])
+            except Exception:  # a reader that stopped would lose every event from then on, silently
+                log.exception("handling an event from Redis failed")
+
+    async def _read_one(self) -> None:
+        message = await self.pubsub.get_message(timeout=1.0)
+        if not self.healthy:
+            await self._recover()
+        if message is not None:
+            self._handle(message)
+
+    def _handle(self, message: dict) -> None:
+        if message["type"] == "subscribe" and message["channel"] in self._confirmed:
+            self._confirmed[message["channel"]].set()
+        if message["type"] != "message":
+            return
+        channel, data = message["channel"], message["data"]
+        if channel == self.prefix + "signals":
+            signal = json.loads(data)
+            if signal.pop("origin", None) != self.process_id:
+                self._on_signal(signal)
+            return
+        thread_id = channel.removeprefix(self.prefix + "t:")
+        follow = self.follows.get(thread_id)
+        # Parse only what is new: the seq leads the text, and this process's own events come back too.
+        seq = int(data[7:data.index(",")])
+        if follow is not None and (follow.expected is None or seq > follow.expected):
+            self._receive(thread_id, [Event.from_text(data)])
 
     def _receive(self, thread_id: str, events: list[Event]) -> None:
         follow = self.follows.get(thread_id)
@@ -316,7 +330,7 @@ class RedisBroker:
         self.healthy = True
         log.warning("Redis is back: catching up the threads this process follows")
         for thread_id, follow in list(self.follows.items()):
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(BrokerUnavailable):  # down again: the next recovery tries again
                 catch_up = await self.catch_up(thread_id, follow.expected)
                 if self.follows.get(thread_id) is not follow:
                     continue
