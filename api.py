@@ -125,16 +125,99 @@ MESSAGES = {
 }
 
 
-def describe(error: ValidationError) -> str:
-    """The first problem, for a person: the field first (`members[2]: must not be blank`)."""
+def describe(error: ValidationError, tagged: bool = False) -> str:
+    """The first problem, for a person: the field first (`members[2]: must not be blank`). For a `tagged`
+    union (a frame), the first step of the location is the tag, not a field."""
     first = error.errors(include_url=False, include_input=False)[0]
-    where = ""
-    for part in first["loc"]:
-        if isinstance(part, int):
-            where += f"[{part}]"
-        elif part not in ("message", "run", "cancel") or not where and first["loc"][0] != part:
-            where += f".{part}" if where else str(part)
+    location = first["loc"][1:] if tagged and len(first["loc"]) > 1 else first["loc"]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
     message = MESSAGES.get(first["type"], first["msg"].removeprefix("Value error, "))
     if first["type"] == "json_invalid":
-        return f"malformed JSON: {first['ctx'].get('error', 'invalid')}" if first.get("ctx") else message
+        return f"malformed JSON: {first['ctx']['error']}" if first.get("ctx", {}).get("error") else message
     return f"{where}: {message}" if where else message
+
+
+# ---------------------------------------------------------------- what the service answers (for the document)
+
+class Answer(BaseModel):
+    """Shapes of answers: the service builds them as dicts; these describe them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Error(Answer):
+    detail: str = Field(description="what went wrong, for a person; a 400 names the field first")
+
+
+class Health(Answer):
+    status: Literal["ok"]
+
+
+class AssistantRefOut(Answer):
+    id: str
+    name: str
+
+
+class Assistant(Answer):
+    id: str
+    name: str
+    model: str
+    instructions: str
+    owner: str | None = Field(description="the user who created it; null for a shared assistant")
+    created_at: int
+
+
+class Thread(Answer):
+    id: str
+    owner: str
+    members: list[str]
+    title: str | None
+    created_at: int
+    updated_at: int = Field(description="the time of its last message")
+
+
+class Message(Answer):
+    id: str
+    thread_id: str
+    role: Literal["user", "assistant"]
+    content: str
+    created_at: int
+    author: str | None = Field(None, description="user messages: who wrote it")
+    assistant: AssistantRefOut | None = Field(None, description="replies: which assistant")
+    run_id: str | None = Field(None, description="replies: the run that wrote it")
+    cancelled: bool | None = Field(None, description="true on a reply cut short by a cancel")
+
+
+class RunError(Answer):
+    assistant: AssistantRefOut
+    code: str
+    message: str
+
+
+class Runs(Answer):
+    replies: list[Message]
+    errors: list[RunError] = Field(description="runs that failed or were cancelled, instead of failing the request")
+
+
+class Turn(Runs):
+    message: Message
+
+
+class Cancelling(Answer):
+    run_id: str
+    status: Literal["active", "cancelled"] = Field(description="active: being stopped by its runner now")
+
+
+class AssistantList(Answer):
+    data: list[Assistant]
+    has_more: bool
+
+
+class ThreadList(Answer):
+    data: list[Thread]
+    has_more: bool
+
+
+class MessageList(Answer):
+    data: list[Message]
+    has_more: bool

@@ -35,6 +35,10 @@ class UpstreamError(Exception):
     def as_json(self) -> dict:
         return {"code": self.code, "message": self.message}
 
+    def as_record(self) -> dict:
+        """As the store keeps it: with the upstream's advice on when to try again, if it gave any."""
+        return self.as_json() | ({"retry_after": self.retry_after} if self.retry_after else {})
+
 
 class UpstreamRateLimited(UpstreamError):
     """503: the upstream is rate limiting."""
@@ -51,7 +55,7 @@ class ServiceStopping(Exception):
 def stored_failure(error: dict) -> UpstreamError:
     """The error a failed run recorded, as the kind it was raised as."""
     kind = {"timeout": UpstreamTimeout, "rate_limited": UpstreamRateLimited}.get(error["code"], UpstreamError)
-    return kind(error["code"], error["message"])
+    return kind(error["code"], error["message"], error.get("retry_after"))
 
 
 def retry_after_seconds(headers) -> float | None:
@@ -194,7 +198,8 @@ class Engine:
         among the replies and itself among the errors)."""
         runs = await self.store.runs([run.id for run in submission.runs])
         replies = await self.store.messages([run.reply_id for run in runs if run.reply_id])
-        errors = [{"assistant": run.assistant} | run.error for run in runs if run.error]
+        errors = [{"assistant": run.assistant, "code": run.error["code"], "message": run.error["message"]}
+                  for run in runs if run.error]
         errors += [{"assistant": run.assistant, "code": "cancelled", "message": f"stopped by {run.cancelled_by}"}
                    for run in runs if run.status == "cancelled"]
         return {"replies": [replies[run.reply_id] for run in runs if run.reply_id in replies], "errors": errors,
@@ -285,7 +290,7 @@ class Engine:
             error = (UpstreamError("assistant_deleted", "the assistant was deleted before the run started")
                      if assistant is None else
                      UpstreamError("interrupted", f"the run was cut off {self.max_attempts} times; giving up"))
-            await self.store.finish_run(run, self.runner_id, "failed", error=error.as_json())
+            await self.store.finish_run(run, self.runner_id, "failed", error=error.as_record())
             return await events.on_run_failed(thread_id, run.id, error)
         parts: list[str] = []
         stream = self._streams[run.id] = asyncio.create_task(self._stream(run, assistant, parts))
@@ -299,7 +304,7 @@ class Engine:
             await events.on_run_cancelled(thread_id, run.id, by, message)
         except UpstreamError as error:
             log.warning("run %s on thread %s failed: %s", run.id, thread_id, error.code)
-            await self.store.finish_run(run, self.runner_id, "failed", error=error.as_json())
+            await self.store.finish_run(run, self.runner_id, "failed", error=error.as_record())
             await events.on_run_failed(thread_id, run.id, error)
         else:
             message = await self.store.finish_run(run, self.runner_id, "completed", reply="".join(parts), usage=usage)

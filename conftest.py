@@ -1,22 +1,57 @@
-"""Shared fixtures: the real app, under TestClient or under a real uvicorn on 127.0.0.1, port 0,
-answering from the built-in offline model."""
+"""Shared test helpers: the real app under TestClient or a real uvicorn on 127.0.0.1 (port 0), answering
+from the built-in offline model; real PostgreSQL and Redis where a test needs them; one test secret.
+
+Tests that need PostgreSQL, Redis, Chromium or newman skip, saying why, when the machine lacks
+them, except under CI (the environment variable CI set), where they fail instead.
+"""
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
 
 import httpx2
 import pytest
 from starlette.testclient import TestClient
+from websockets.asyncio.client import connect
 
 from auth import JWTSettings
 from main import Config, create_app
 from offline_model import serve_on_loopback
 
 TEST_SECRET = "test-secret-" + "s" * 64
+REPO = Path(__file__).resolve().parent
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+FRAME_TIMEOUT = 10
 
+
+def require(available: bool, what: str) -> None:
+    """Skip a test whose service or tool is missing, saying so; under CI, fail instead."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required under CI", pytrace=False)
+    pytest.skip(f"{what} is not available on this machine")
+
+
+def reachable(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- settings and apps
 
 @pytest.fixture
 def anyio_backend():
@@ -29,14 +64,22 @@ def jwt_settings() -> JWTSettings:
 
 
 @pytest.fixture
+def auth(jwt_settings):
+    """auth("alice") -> headers carrying a valid token for alice."""
+    return lambda sub: {"Authorization": f"Bearer {jwt_settings.mint(sub)}"}
+
+
+def test_config(directory: Path, **overrides) -> Config:
+    """Fast offline tokens, a database of its own, no shared-assistants file; `overrides` on top."""
+    config = Config(database_url=f"sqlite:///{directory}/gainz.db", assistants_file=directory / "assistants.json",
+                    offline_token_delay=0.002)
+    return dataclasses.replace(config, **overrides)
+
+
+@pytest.fixture
 def make_app(tmp_path, jwt_settings):
-    """An app factory; keyword arguments override the test Config (fast offline tokens, temp files)."""
-
-    def make(**overrides):
-        config = Config(assistants_file=tmp_path / "assistants.json", offline_token_delay=0.002)
-        return create_app(Config(**(config.__dict__ | overrides)), jwt_settings)
-
-    return make
+    """An app factory; keyword arguments override the test Config."""
+    return lambda **overrides: create_app(test_config(tmp_path, **overrides), jwt_settings)
 
 
 @pytest.fixture
@@ -50,11 +93,47 @@ def client(app):
         yield test_client
 
 
-@pytest.fixture
-def auth(jwt_settings):
-    """auth("alice") -> headers carrying a valid token for alice."""
-    return lambda sub: {"Authorization": f"Bearer {jwt_settings.mint(sub)}"}
+# ---------------------------------------------------------------- real PostgreSQL and Redis
 
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL URL whose tables live in a schema of this test's own, dropped afterwards."""
+    import psycopg
+
+    require(reachable("127.0.0.1", 5432) or "TEST_POSTGRES_URL" in os.environ, "PostgreSQL (127.0.0.1:5432)")
+    schema = f"test_{secrets.token_hex(6)}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES_URL}?options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
+            connection.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Each test with this fixture runs on both engines."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/gainz.db"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def redis_url():
+    """The test Redis, with a key prefix of this test's own (keys and channels), cleared afterwards."""
+    import redis
+
+    require(reachable("127.0.0.1", 6379) or "TEST_REDIS_URL" in os.environ, "Redis (127.0.0.1:6379)")
+    prefix = f"test-{secrets.token_hex(6)}:"
+    yield REDIS_URL, prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+# ---------------------------------------------------------------- live servers
 
 @dataclass
 class LiveService:
@@ -67,16 +146,21 @@ class LiveService:
         return self.url.replace("http://", "ws://", 1)
 
     @property
-    def engine(self):
-        return self.app.state.engine
+    def state(self):
+        return self.app.state
 
-    @property
-    def hub(self):
-        return self.app.state.hub
+    async def new_thread(self, auth, owner: str = "alice", members=(), **body) -> str:
+        response = await self.http.post("/threads", json={"members": list(members)} | body, headers=auth(owner))
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
 
-    @property
-    def offline_model(self):
-        return self.app.state.offline_model
+    async def messages(self, auth, thread_id: str, sub: str = "alice") -> list[dict]:
+        response = await self.http.get(f"/threads/{thread_id}/messages", headers=auth(sub))
+        assert response.status_code == 200, response.text
+        return response.json()["data"]
+
+    def socket_url(self, thread_id: str, query: str = "") -> str:
+        return f"{self.ws_url}/threads/{thread_id}/ws{query}"
 
 
 @contextlib.asynccontextmanager
@@ -93,6 +177,31 @@ async def live(app):
         yield service
 
 
+@pytest.fixture
+async def opened():
+    """The sockets a test opens; those still open are closed when it ends, passed or failed."""
+    sockets = []
+    yield sockets
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+
+
+@pytest.fixture
+def join(opened, jwt_settings):
+    async def join_thread(service, thread_id: str, sub: str, query: str = "", **kwargs):
+        """A socket on the thread as `sub`, and its first frame (thread.joined)."""
+        # close_timeout: a test may leave frames unread, and a client whose queue is full never reads the close.
+        ws = await connect(service.socket_url(thread_id, query),
+                           additional_headers={"Authorization": f"Bearer {jwt_settings.mint(sub)}"},
+                           **{"close_timeout": 1} | kwargs)
+        opened.append(ws)
+        joined = await next_frame(ws)
+        assert joined["type"] == "thread.joined", joined
+        assert joined["thread_id"] == thread_id
+        return ws, joined
+
+    return join_thread
+
+
 async def eventually(condition, timeout: float = 5.0) -> bool:
     """Server-side cleanup has no event to await: poll it, with a deadline."""
     deadline = time.monotonic() + timeout
@@ -101,11 +210,142 @@ async def eventually(condition, timeout: float = 5.0) -> bool:
     return met
 
 
-async def next_frame(ws, timeout: float = 10) -> dict:
+async def next_frame(ws, timeout: float = FRAME_TIMEOUT) -> dict:
     return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def frames_until(ws, last_type: str, count: int = 1, timeout: float = FRAME_TIMEOUT) -> list[dict]:
+    """Frames up to and including the `count`-th frame of type `last_type`."""
+    frames = []
+    while count:
+        frames.append(await next_frame(ws, timeout))
+        count -= frames[-1]["type"] == last_type
+    return frames
+
+
+def run_ends(frames: list[dict]) -> list[dict]:
+    return [frame for frame in frames if frame["type"] in ("run.completed", "run.failed", "run.cancelled")]
+
+
+def check_run(frames: list[dict]) -> str:
+    """Asserts one run's frames (run.started, text.delta..., run.completed); returns the reply."""
+    started, *deltas, completed = frames
+    assert started["type"] == "run.started", started
+    assert completed["type"] == "run.completed", completed
+    assert deltas
+    assert all(frame["type"] == "text.delta" for frame in deltas)
+    assert {frame["run_id"] for frame in frames} == {started["run_id"]}
+    reply = completed["message"]["content"]
+    assert "".join(frame["delta"] for frame in deltas) == reply
+    assert completed["message"]["assistant"] == started["assistant"]
+    return reply
+
+
+def assert_seq_grows_by_one(frames: list[dict]) -> None:
+    """Consecutive thread events; a merged text.delta carries its last delta's seq, so it may jump."""
+    seqs = [frame["seq"] for frame in frames if "seq" in frame and frame["type"] != "thread.joined"]
+    assert seqs == sorted(set(seqs)), seqs
+
+
+async def sse_events(response) -> list[dict]:
+    """The events of a Server-Sent Events body: each `data:` payload, checked against its `event:` and
+    `id:` lines (the id is the event's seq)."""
+    events, fields = [], {}
+    async for line in response.aiter_lines():
+        if not line:
+            if "data" in fields:
+                event = json.loads(fields["data"])
+                assert event["type"] == fields["event"]
+                assert "id" not in fields or int(fields["id"]) == event["seq"]
+                events.append(event)
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+    return events
 
 
 def writer_tasks() -> set[asyncio.Task]:
     """The hub's socket writers still alive in this event loop."""
     return {task for task in asyncio.all_tasks()
             if getattr(task.get_coro(), "__qualname__", "") == "Connection._write"}
+
+
+# ---------------------------------------------------------------- the service as a process
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServerProcess:
+    """`python serve.py` (the README's run command) in a process of its own, on a free port."""
+
+    def __init__(self, workdir: Path, env: dict, args: tuple = (), port: int | None = None):
+        self.workdir, self.port = workdir, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"server-{self.port}.log"
+        clean = {key: value for key, value in os.environ.items()
+                 if not key.startswith(("JWT_", "OPENAI_", "DATABASE_", "REDIS_", "CI"))}
+        self.env = clean | {"JWT_SECRET_KEY": TEST_SECRET, "OFFLINE_TOKEN_DELAY": "0.002",
+                            "PYTHONPATH": str(REPO)} | env
+        self.args = args
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        self.log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--port", str(self.port),
+                                         *self.args], cwd=self.workdir, env=self.env, stdout=self.log_file,
+                                        stderr=subprocess.STDOUT)
+        return self
+
+    async def ready(self, timeout: float = 30) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        async with httpx2.AsyncClient(timeout=2) as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log()}")
+                with contextlib.suppress(httpx2.HTTPError):
+                    if (await http.get(self.url + "/health")).status_code == 200:
+                        return self
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"the server did not start in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig=9) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process:
+            self.log_file.close()
+
+
+@pytest.fixture
+def servers(tmp_path):
+    """Start service processes with `servers(env=..., args=...)`; all are stopped when the test ends."""
+    started: list[ServerProcess] = []
+
+    async def start(env: dict | None = None, args: tuple = (), port: int | None = None, wait: bool = True):
+        server = ServerProcess(tmp_path, env or {}, args, port).start()
+        started.append(server)
+        return await server.ready() if wait else server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def tool(name: str) -> str | None:
+    return shutil.which(name)

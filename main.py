@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -39,13 +39,18 @@ from assistants import (Engine, ServiceStopping, ThreadEvents, UpstreamError, Up
 from auth import JWT_SECRET_SETTING, JWTAuthMiddleware, JWTSettings, User, demo_tokens_banner, generate_secret
 from broker import TERMINAL, BrokerUnavailable, ResumeWindow, broker_for
 from hub import Closed, Connection, Hub, TooManySockets
+import openapi
 from offline_model import OfflineModel, serve_on_loopback
-from store import (DEFAULT_DATABASE_URL, Conflict, Limits, LimitReached, NotFound, Page, Store, Submission,
+from store import (DEFAULT_DATABASE_URL, BadPage, Conflict, Limits, LimitReached, NotFound, Page, Store, Submission,
                    database_for)
 
 log = logging.getLogger("gainz")
+VERSION = "2.0.0"
 Body = TypeVar("Body", bound=BaseModel)
 
+DEMO_PAGE = Path(__file__).resolve().parent / "demo.html"
+DEMO_TOKENS_SLOT = '<script id="demo-tokens" type="application/json">null</script>'
+PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/openapi.json")})
 DEFAULT_ASSISTANT = "assistant"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant."
 MAX_BODY_BYTES = 256 * 1024
@@ -189,6 +194,21 @@ async def chosen_assistants(request: Request | WebSocket, sub: str, body: RunReq
 
 async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
+
+
+async def demo_page(request: Request) -> HTMLResponse:
+    """The demo page. In dev mode (no JWT_SECRET_KEY), to a browser on this machine, it comes with alice's
+    and bob's tokens, as the start-up log does; never to another host."""
+    page = state(request).demo_page
+    jwt_settings = state(request).jwt
+    if jwt_settings.secret_is_generated and request.client and request.client.host in ("127.0.0.1", "::1"):
+        tokens = json.dumps({sub: jwt_settings.mint(sub) for sub in ("alice", "bob")})
+        page = page.replace(DEMO_TOKENS_SLOT, DEMO_TOKENS_SLOT.replace(">null<", f">{tokens}<"))
+    return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+
+async def openapi_document(request: Request) -> JSONResponse:
+    return JSONResponse(state(request).openapi)
 
 
 async def list_assistants(request: Request) -> JSONResponse:
@@ -466,7 +486,7 @@ async def read_frames(websocket: WebSocket, connection: Connection, thread_id: s
                 assistants = await chosen_assistants(websocket, sub, frame) if run else []
                 await app.engine.submit(thread_id, sub, content, assistants)
         except ValidationError as error:
-            reply_error("invalid_frame", describe(error))
+            reply_error("invalid_frame", describe(error, tagged=True))
         except NotFound as error:
             reply_error("not_found", error.message)
         except Conflict as error:
@@ -491,6 +511,8 @@ async def handle_error(request: Request | WebSocket, error: Exception) -> Respon
     """The one table from the service's errors to HTTP answers."""
     if isinstance(error, HTTPException):
         return error_response(error.status_code, error.detail, error.headers)
+    if isinstance(error, BadPage):
+        return error_response(status.HTTP_400_BAD_REQUEST, error.message)
     if isinstance(error, NotFound):
         return error_response(status.HTTP_404_NOT_FOUND, error.message)
     if isinstance(error, Conflict):
@@ -661,7 +683,8 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
     config = config or Config.from_env()
     if jwt_settings is None and config.environ.get("JWT_SECRET_KEY"):
         jwt_settings = JWTSettings.from_env(config.environ)
-    middleware = [Middleware(RefusalsInOneLine), Middleware(JWTAuthMiddleware, settings=jwt_settings)]
+    middleware = [Middleware(RefusalsInOneLine),
+                  Middleware(JWTAuthMiddleware, settings=jwt_settings, public_routes=PUBLIC_ROUTES)]
     if config.cors_origins:  # outside the JWT check: a preflight carries no token
         middleware.insert(1, Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
                                         allow_methods=["GET", "POST", "PATCH", "DELETE"],
@@ -670,6 +693,8 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/", demo_page, methods=["GET"]),
+            Route("/openapi.json", openapi_document, methods=["GET"]),
             Route("/assistants", list_assistants, methods=["GET"]),
             Route("/assistants", create_assistant, methods=["POST"]),
             Route("/assistants/{assistant}", get_assistant, methods=["GET"]),
@@ -688,12 +713,14 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
         ],
         middleware=middleware,
         exception_handlers={Exception: handle_error, ClientDisconnect: client_left} | {kind: handle_error for kind in (
-            HTTPException, NotFound, Conflict, LimitReached, TooManySockets, ServiceStopping, BrokerUnavailable,
-            UpstreamError)},
+            HTTPException, BadPage, NotFound, Conflict, LimitReached, TooManySockets, ServiceStopping,
+            BrokerUnavailable, UpstreamError)},
         lifespan=lifespan,
     )
     app.state.config = config
     app.state.jwt = jwt_settings
+    app.state.openapi = openapi.document(app.routes, VERSION)
+    app.state.demo_page = DEMO_PAGE.read_text()
     return app
 
 

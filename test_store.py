@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from store import (MIGRATIONS, Conflict, LeaseLost, LimitReached, Limits, NotFound, Page, Store, database_for,
+from store import (MIGRATIONS, BadPage, Conflict, LeaseLost, LimitReached, Limits, NotFound, Page, Store, database_for,
                    stored_setting)
 
 pytestmark = pytest.mark.anyio
@@ -231,9 +231,9 @@ async def test_a_page_cursor_from_another_list_is_refused(store):
     mine = await store.create_thread("alice", [], None)
     theirs = await store.create_thread("bob", [], None)
     message = (await store.submit(theirs.id, "bob", "secret", [])).message
-    with pytest.raises(NotFound, match="after"):
+    with pytest.raises(BadPage, match="after"):
         await store.list_messages(mine.id, Page(after=message["id"]))
-    with pytest.raises(NotFound, match="before"):
+    with pytest.raises(BadPage, match="before"):
         await store.list_threads("alice", Page(before=theirs.id))
 
 

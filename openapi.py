@@ -1,0 +1,168 @@
+"""The OpenAPI 3.1 document of the API, built from the route table (main.py) and the models (api.py).
+
+Each route's entry below says what it takes and answers; `document` checks the two against each other, so a
+route without an entry (or an entry without a route) fails loudly instead of going undocumented. WebSocket
+routes have no place in OpenAPI: the document's description points to the README for them.
+"""
+
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.routing import Route, WebSocketRoute
+
+from api import (Assistant, AssistantList, Cancelling, Error, Health, ListQuery, Message, MessageList, NewAssistant,
+                 NewMessage, NewThread, RunRequest, Runs, Thread, ThreadChange, ThreadList, Turn)
+
+ERRORS = {
+    400: "malformed JSON or an invalid field (the detail names it)",
+    401: "missing, expired or invalid token",
+    403: "an owner-only action by a member",
+    404: "unknown, or not the caller's to see",
+    409: "the run has already ended",
+    413: "body over 256 KiB",
+    429: "a limit reached (Retry-After says when to try again where waiting helps)",
+    502: "the upstream refused or failed",
+    503: "the upstream is rate limiting, or the service is shutting down (Retry-After)",
+    504: "the upstream timed out",
+}
+EVENT_STREAM = {"text/event-stream": {"schema": {"type": "string", "description":
+                "Server-Sent Events: `id: <seq>`, `event: <type>`, `data: <the same JSON a WebSocket gets>`"}}}
+
+
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    answers: dict[int, type[BaseModel] | None]  # status -> shape (None: no body)
+    body: type[BaseModel] | None = None
+    body_optional: bool = False
+    listing: bool = False
+    streams: bool = False  # may answer with Server-Sent Events instead (Accept: text/event-stream)
+    errors: tuple[int, ...] = ()
+    public: bool = False
+    content_type: str | None = None  # for answers that are not JSON
+    headers: dict = field(default_factory=dict)
+
+
+RUNS = (400, 404, 413, 429, 502, 503, 504)
+OPERATIONS = {
+    ("GET", "/health"): Operation("Is the service up", {200: Health}, public=True),
+    ("GET", "/"): Operation("The demo page", {200: None}, public=True, content_type="text/html"),
+    ("GET", "/openapi.json"): Operation("This document", {200: None}, public=True, content_type="application/json"),
+    ("GET", "/assistants"): Operation("The assistants the caller may use (shared and own), oldest first",
+                                      {200: AssistantList}, listing=True, errors=(400,)),
+    ("POST", "/assistants"): Operation("Create the caller's assistant, or load it by name (never modified)",
+                                       {201: Assistant, 200: Assistant}, body=NewAssistant, errors=(400, 413, 429)),
+    ("GET", "/assistants/{assistant}"): Operation("One assistant, by id or name", {200: Assistant}, errors=(404,)),
+    ("DELETE", "/assistants/{assistant}"): Operation("Delete one of the caller's own assistants", {204: None},
+                                                     errors=(404,)),
+    ("GET", "/threads"): Operation("The caller's threads (owned or shared with them), most recently updated first",
+                                   {200: ThreadList}, listing=True, errors=(400,)),
+    ("POST", "/threads"): Operation("Start a thread", {201: Thread}, body=NewThread, body_optional=True,
+                                    errors=(400, 413, 429)),
+    ("GET", "/threads/{thread_id}"): Operation("One thread", {200: Thread}, errors=(404,)),
+    ("PATCH", "/threads/{thread_id}"): Operation("Change the members or title (owner only)", {200: Thread},
+                                                 body=ThreadChange, errors=(400, 403, 404, 413)),
+    ("DELETE", "/threads/{thread_id}"): Operation("Delete the thread and its messages (owner only)", {204: None},
+                                                  errors=(403, 404)),
+    ("GET", "/threads/{thread_id}/messages"): Operation("The thread's messages, oldest first", {200: MessageList},
+                                                        listing=True, errors=(400, 404)),
+    ("POST", "/threads/{thread_id}/messages"): Operation(
+        "Post a message and run the assistant(s) on the thread; answers once every run has ended",
+        {201: Turn}, body=NewMessage, streams=True, errors=RUNS),
+    ("POST", "/threads/{thread_id}/runs"): Operation(
+        "Run the assistant(s) on the thread without a new message", {200: Runs}, body=RunRequest,
+        body_optional=True, streams=True, errors=RUNS),
+    ("POST", "/threads/{thread_id}/runs/{run_id}/cancel"): Operation(
+        "Stop a run; it ends in run.cancelled", {202: Cancelling}, errors=(404, 409)),
+    ("GET", "/threads/{thread_id}/events"): Operation(
+        "The thread's live events as Server-Sent Events, from thread.joined on; resume with Last-Event-ID",
+        {200: None}, content_type="text/event-stream", errors=(400, 404, 429),
+        headers={"Last-Event-ID": "resume after this seq"}),
+}
+
+DESCRIPTION = """\
+OpenAI assistants behind a JWT-secured REST API and WebSocket; every reply streams, token by token, to
+every client on its thread. The WebSocket `/threads/{thread_id}/ws` (not describable in OpenAPI) joins a
+thread: see the README for its frames, close codes and how to resume with `?after=<seq>`."""
+
+
+def document(routes: list, version: str) -> dict:
+    """The document for `routes` (the app's route table)."""
+    http_routes = [route for route in routes if isinstance(route, Route)]
+    documented = {(method, route.path) for route in http_routes for method in route.methods - {"HEAD"}}
+    if missing := documented ^ set(OPERATIONS):
+        raise RuntimeError(f"routes and their documentation differ: {sorted(missing)}")
+    models = {model for operation in OPERATIONS.values()
+              for model in [operation.body, *operation.answers.values()] if model is not None} | {Error}
+    # Bodies are read as the request parses them; answers as the service writes them.
+    keyed = [(model, "validation" if model in {o.body for o in OPERATIONS.values()} else "serialization")
+             for model in sorted(models, key=lambda model: model.__name__)]
+    refs, definitions = models_json_schema(keyed, ref_template="#/components/schemas/{model}")
+    paths: dict = {}
+    for (method, path), operation in OPERATIONS.items():
+        paths.setdefault(path, {})[method.lower()] = _operation(method, path, operation, refs)
+    websockets = [route.path for route in routes if isinstance(route, WebSocketRoute)]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Gainz OpenAI Backend", "version": version, "description": DESCRIPTION,
+                 "license": {"name": "MIT", "identifier": "MIT"}},
+        "paths": paths,
+        "components": {
+            "schemas": definitions.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        },
+        "x-websockets": websockets,
+    }
+
+
+def _schema(refs: dict, model: type[BaseModel]) -> dict:
+    return refs.get((model, "validation")) or refs[(model, "serialization")]
+
+
+def _operation(method: str, path: str, operation: Operation, refs: dict) -> dict:
+    described: dict = {"summary": operation.summary, "operationId": _operation_id(method, path)}
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in _path_names(path)]
+    if operation.listing:
+        parameters += [{"name": name, "in": "query", "required": False, "schema": schema}
+                       for name, schema in ListQuery.model_json_schema()["properties"].items()]
+    if path.endswith("/events"):
+        parameters += [{"name": "after", "in": "query", "required": False,
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"}},
+                       {"name": "Last-Event-ID", "in": "header", "required": False,
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"}}]
+    if operation.streams:
+        parameters.append({"name": "Accept", "in": "header", "required": False,
+                           "description": "text/event-stream: the request's own events as they happen",
+                           "schema": {"type": "string"}})
+    if parameters:
+        described["parameters"] = parameters
+    if operation.body is not None:
+        described["requestBody"] = {"required": not operation.body_optional, "content": {
+            "application/json": {"schema": _schema(refs, operation.body)}}}
+    answers = {}
+    for status_code, model in operation.answers.items():
+        answer: dict = {"description": "OK" if status_code < 300 else ""}
+        if model is not None:
+            answer["content"] = {"application/json": {"schema": _schema(refs, model)}}
+            if operation.streams:
+                answer["content"] |= EVENT_STREAM
+        elif operation.content_type:
+            answer["content"] = {operation.content_type: {"schema": {"type": "string"}}}
+        answers[str(status_code)] = answer
+    error = {"content": {"application/json": {"schema": _schema(refs, Error)}}}
+    for status_code in sorted(set(operation.errors) | ({401} if not operation.public else set())):
+        answers[str(status_code)] = {"description": ERRORS[status_code]} | error
+    described["responses"] = answers
+    described["security"] = [] if operation.public else [{"bearer": []}]
+    return described
+
+
+def _path_names(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+
+
+def _operation_id(method: str, path: str) -> str:
+    words = [part.strip("{}") for part in path.split("/") if part]
+    return "_".join([method.lower(), *words]) if words else f"{method.lower()}_root"
