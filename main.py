@@ -54,7 +54,6 @@ PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/openapi.j
 DEFAULT_ASSISTANT = "assistant"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant."
 MAX_BODY_BYTES = 256 * 1024
-MAX_BODY_SECONDS = 30
 MAX_FRAME_CHARS = 64 * 1024
 WS_TOKEN_EXPIRED = 4401
 WS_REMOVED_FROM_THREAD = 4403
@@ -88,6 +87,7 @@ class Config:
     context_chars: int = 60_000
     run_lease_seconds: float = 10.0
     shutdown_grace_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
     resume_events: int = 2000
     resume_seconds: float = 300.0
     resume_log_events: int = 200_000
@@ -99,7 +99,7 @@ class Config:
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
-        for name in ("openai_timeout_seconds", "run_lease_seconds", "resume_seconds"):
+        for name in ("openai_timeout_seconds", "run_lease_seconds", "resume_seconds", "body_timeout_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.upper()} must be positive")
         for name in ("openai_max_retries", "offline_token_delay", "shutdown_grace_seconds"):
@@ -153,14 +153,15 @@ async def read_body(request: Request) -> bytes:
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
     body = bytearray()
+    seconds = state(request).config.body_timeout_seconds
     try:
-        async with asyncio.timeout(MAX_BODY_SECONDS):  # a body trickled in a byte at a time holds a connection
+        async with asyncio.timeout(seconds):  # a body trickled in a byte at a time holds a connection
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > MAX_BODY_BYTES:
                     raise too_large
     except TimeoutError:
-        raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT, f"the body took over {MAX_BODY_SECONDS} s") from None
+        raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT, f"the body took over {seconds:g} s") from None
     return bytes(body)
 
 

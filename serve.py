@@ -7,7 +7,8 @@ What it adds (an option given on the command line wins over its default here):
 - a request head must arrive whole within REQUEST_HEAD_TIMEOUT seconds (5) of connecting, or of the
   previous response on a kept-alive connection; uvicorn itself waits forever (slowloris);
 - a WebSocket client that floods pings without reading the pongs stops being read once the pongs it
-  left unread pass the transport's buffer: uvicorn would queue them without bound;
+  left unread pass the transport's buffer (uvicorn would queue them without bound), and one sending
+  over MAX_PINGS_PER_SECOND (100) is dropped;
 - WebSocket frames over 256 KiB are refused with 1009 (the service accepts 65,536 characters a frame;
   uvicorn's default, 16 MiB, lets a few clients take gigabytes);
 - the process may open as many files as its hard limit allows (one per connection);
@@ -16,6 +17,7 @@ What it adds (an option given on the command line wins over its default here):
 """
 
 import importlib
+import logging
 import os
 import resource
 import sys
@@ -26,6 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 REQUEST_HEAD_TIMEOUT = float(os.environ.get("REQUEST_HEAD_TIMEOUT") or 5)
+MAX_PINGS_PER_SECOND = 100  # a keepalive needs a few a minute
 UVICORN_DEFAULTS = [
     "--app-dir", str(Path(__file__).resolve().parent),
     "--http", "serve:GuardedHTTP",
@@ -85,9 +88,26 @@ class GuardedHTTP(H11Protocol):
 
 class GuardedWebSocket(WebSocketsSansIOProtocol):
     """WebSockets (websockets' sans-I/O protocol) that stop reading while the client leaves its own
-    frames (pongs, mostly) unread, so that a ping flood cannot grow the server's memory."""
+    frames (pongs, mostly) unread, so that a ping flood cannot grow the server's memory, and that drop a
+    client sending pings by the hundred a second, which would otherwise keep a core busy answering."""
 
     write_paused = False
+    _pings = 0
+    _ping_second = 0.0
+
+    def handle_ping(self) -> None:
+        if self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if now - self._ping_second >= 1:
+            self._ping_second, self._pings = now, 0
+        self._pings += 1
+        if self._pings > MAX_PINGS_PER_SECOND:
+            logging.getLogger("gainz").warning("a WebSocket client sent over %d pings a second: dropped",
+                                               MAX_PINGS_PER_SECOND)
+            self.transport.abort()
+            return
+        super().handle_ping()
 
     def pause_writing(self) -> None:
         super().pause_writing()

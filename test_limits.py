@@ -1,0 +1,321 @@
+"""The attacks that took the first version down, scaled down to run in seconds, against a real server
+started the way the README starts it (`python serve.py`). Each asserts its limit, and that meanwhile
+another user is still served: GET /health answers within HEALTH_BOUND and another user's run completes
+within RUN_BOUND (generous: the machine runs the rest of the suite too)."""
+
+import asyncio
+import base64
+import os
+import re
+import socket
+import struct
+import time
+
+import httpx2
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from auth import JWTSettings
+from conftest import TEST_SECRET, ServerProcess, frames_until, next_frame
+
+pytestmark = pytest.mark.anyio
+SETTINGS = JWTSettings(secret=TEST_SECRET)
+HEALTH_BOUND = 1.0  # seconds
+RUN_BOUND = 5.0  # seconds, for a reply of some twenty words
+
+
+def bearer(sub: str) -> dict:
+    return {"Authorization": f"Bearer {SETTINGS.mint(sub)}"}
+
+
+def rss_mib(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
+
+
+class Bystander:
+    """Another user, served while the attack goes on: one run and /health in a loop, both timed. Leaving
+    the block waits for the run, and for one more /health."""
+
+    def __init__(self, server):
+        self.server = server
+        self.health_times: list[float] = []
+        self.run_time: float | None = None
+
+    async def __aenter__(self):
+        self.http = httpx2.AsyncClient(base_url=self.server.url, timeout=30)
+        self.stop = asyncio.Event()
+        self.tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._health())]
+        return self
+
+    async def _run(self):
+        thread_id = (await self.http.post("/threads", headers=bearer("bystander"))).json()["id"]
+        started = time.monotonic()
+        answer = await self.http.post(f"/threads/{thread_id}/messages", json={"content": "still there?"},
+                                      headers=bearer("bystander"))
+        assert answer.status_code == 201, answer.text
+        self.run_time = time.monotonic() - started
+
+    async def _health(self):
+        while True:
+            started = time.monotonic()
+            assert (await self.http.get("/health")).status_code == 200
+            self.health_times.append(time.monotonic() - started)
+            if self.stop.is_set():
+                return
+            await asyncio.sleep(0.05)
+
+    async def __aexit__(self, *exc_info):
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+        await self.http.aclose()
+        assert self.run_time is not None
+        assert self.run_time < RUN_BOUND
+        assert max(self.health_times) < HEALTH_BOUND
+
+
+async def raw_connection(server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", server.port)
+
+
+def raw_websocket(server, path: str, headers: dict, receive_buffer: int | None = None) -> socket.socket:
+    """A WebSocket handshake by hand, leaving a plain blocking socket to misbehave on. With a small
+    `receive_buffer`, it also asks for a real network's segment size: over loopback's 64 KiB segments the
+    server's kernel would buffer megabytes for it before the server itself had to hold anything."""
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+    sock.connect(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{server.port}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13",
+             *(f"{name}: {value}" for name, value in headers.items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    return sock
+
+
+def frame(opcode: int, payload: bytes, claimed_length: int | None = None) -> bytes:
+    """A masked client frame; `claimed_length` may claim more than is sent."""
+    length = len(payload) if claimed_length is None else claimed_length
+    header = bytes([0x80 | opcode])
+    if length < 126:
+        header += bytes([0x80 | length])
+    elif length < 1 << 16:
+        header += bytes([0x80 | 126]) + struct.pack("!H", length)
+    else:
+        header += bytes([0x80 | 127]) + struct.pack("!Q", length)
+    mask = os.urandom(4)
+    return header + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+
+
+def close_code_of(sock: socket.socket) -> int | None:
+    """Reads until the server's close frame; its code (None if the connection just ended)."""
+    sock.settimeout(10)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+        start = data.find(b"\x88")
+        if start >= 0 and len(data) >= start + 4:
+            return struct.unpack("!H", data[start + 2:start + 4])[0]
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def shared(tmp_path_factory):
+    """One server for the attacks that do not read its log (each uses users and threads of its own)."""
+    server = ServerProcess(tmp_path_factory.mktemp("limits"), {
+        "MAX_SOCKETS_PER_USER": "5", "MAX_RUNS_PER_USER": "8", "REQUEST_HEAD_TIMEOUT": "1",
+        "BODY_TIMEOUT_SECONDS": "1", "OFFLINE_TOKEN_DELAY": "0.002"}).start()
+    try:
+        yield await server.ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def thread_of_alice():
+    async def make(server, owner: str = "alice") -> str:
+        async with httpx2.AsyncClient(base_url=server.url, timeout=30) as http:
+            return (await http.post("/threads", headers=bearer(owner))).json()["id"]
+    return make
+
+
+# ---------------------------------------------------------------- the attacks
+
+async def test_one_user_cannot_open_more_than_their_sockets(shared, thread_of_alice):
+    server = shared
+    thread_id = await thread_of_alice(server, "sockets-hog")
+    url = f"{server.url.replace('http', 'ws', 1)}/threads/{thread_id}/ws"
+    accepted, refused = [], 0
+    async with Bystander(server):
+        for _ in range(60):
+            try:
+                accepted.append(await connect(url, additional_headers=bearer("sockets-hog"), close_timeout=1))
+            except InvalidStatus as error:
+                assert error.response.status_code == 429
+                refused += 1
+    assert (len(accepted), refused) == (5, 55)
+    for ws in accepted:
+        await ws.close()
+
+
+async def test_connections_that_send_no_whole_request_head_are_closed(shared):
+    server = shared
+    connections = [await raw_connection(server) for _ in range(40)]
+    for index, (_, writer) in enumerate(connections):
+        if index % 2:  # half of them send half a head, then nothing
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            await writer.drain()
+    async with Bystander(server):
+        started = time.monotonic()
+        for reader, _ in connections:
+            assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # closed by the server
+        assert time.monotonic() - started < 5
+    for _, writer in connections:
+        writer.close()
+
+
+async def test_one_user_cannot_queue_runs_across_many_threads(shared):
+    server = shared
+    memory_before = rss_mib(server.process.pid)
+    async with httpx2.AsyncClient(base_url=server.url, timeout=30) as http, Bystander(server):
+        threads = [(await http.post("/threads", headers=bearer("mallory"))).json()["id"] for _ in range(60)]
+        posts = [http.post(f"/threads/{thread_id}/messages", json={"content": "x" * 30_000},
+                           headers=bearer("mallory")) for thread_id in threads]
+        answers = await asyncio.gather(*posts)
+    statuses = [answer.status_code for answer in answers]
+    assert statuses.count(201) <= 8 + 8  # those accepted, plus any accepted once earlier ones had ended
+    assert statuses.count(429) >= 60 - 16
+    refused = next(answer for answer in answers if answer.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert rss_mib(server.process.pid) - memory_before < 100
+
+
+async def test_a_ping_flood_without_reading_does_not_grow_memory(servers, thread_of_alice):
+    server = await servers()
+    thread_id = await thread_of_alice(server)
+    sock = await asyncio.to_thread(raw_websocket, server, f"/threads/{thread_id}/ws", bearer("alice"), 4096)
+    memory_before = rss_mib(server.process.pid)
+    ping = frame(0x9, b"ping")
+    sock.setblocking(False)
+
+    def flood(seconds: float) -> int:
+        """Pings as fast as the server takes them, never reading; how many bytes went, until dropped."""
+        sent, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                sent += sock.send(ping * 256)
+            except BlockingIOError:  # the server stopped reading: what it could not send waits for us
+                time.sleep(0.01)
+            except (BrokenPipeError, ConnectionResetError):
+                return sent
+        raise AssertionError(f"still connected after {seconds} s of flooding")
+
+    async with Bystander(server):
+        sent = await asyncio.to_thread(flood, 10.0)
+    assert sent > 0
+    assert rss_mib(server.process.pid) - memory_before < 30
+    assert "over 100 pings a second: dropped" in server.log()
+    sock.close()
+
+
+async def test_a_frame_far_over_the_limit_is_refused_before_it_is_read(shared, thread_of_alice):
+    server = shared
+    thread_id = await thread_of_alice(server)
+    memory_before = rss_mib(server.process.pid)
+    for _ in range(5):
+        sock = await asyncio.to_thread(raw_websocket, server, f"/threads/{thread_id}/ws", bearer("alice"))
+        sock.sendall(frame(0x1, b"x" * 65536, claimed_length=15 * 1024 * 1024))
+        assert await asyncio.to_thread(close_code_of, sock) == 1009
+        sock.close()
+    assert rss_mib(server.process.pid) - memory_before < 20
+
+
+async def test_no_token_reaches_the_log(servers, thread_of_alice):
+    server = await servers()
+    thread_id = await thread_of_alice(server)
+    query_token, header_token = SETTINGS.mint("carol"), SETTINGS.mint("alice")
+    async with httpx2.AsyncClient(base_url=server.url, timeout=30) as http:
+        assert (await http.get(f"/health?token={query_token}")).status_code == 200
+        assert (await http.get(f"/threads?token={query_token}")).status_code == 401  # never taken over HTTP
+        assert (await http.get(f"/threads?token={query_token}", headers=bearer("bob"))).status_code == 200
+        refused = await http.get("/threads", headers={"Authorization": f"Bearer {query_token}x"})
+        assert refused.status_code == 401
+    # Both a header and a query token: the header's is used, and neither is logged.
+    url = f"{server.url.replace('http', 'ws', 1)}/threads/{thread_id}/ws?token={query_token}"
+    async with connect(url, additional_headers={"Authorization": f"Bearer {header_token}"}) as ws:
+        assert (await next_frame(ws))["type"] == "thread.joined"
+    log = server.log()
+    assert "GET /threads" in log
+    assert query_token not in log
+    assert header_token not in log
+    assert "eyJ" not in log
+
+
+async def test_a_client_leaving_mid_body_or_sending_bad_utf8_costs_one_log_line(servers, thread_of_alice):
+    server = await servers()
+    thread_id = await thread_of_alice(server)
+    reader, writer = await raw_connection(server)
+    token = SETTINGS.mint("alice")
+    writer.write(f"POST /threads/{thread_id}/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"content\": ".encode())
+    await writer.drain()
+    writer.close()
+    sock = await asyncio.to_thread(raw_websocket, server, f"/threads/{thread_id}/ws", bearer("alice"))
+    sock.sendall(frame(0x1, b'{"type": "message", "content": "\xff\xfe"}'))
+    assert await asyncio.to_thread(close_code_of, sock) == 1007
+    sock.close()
+    async with httpx2.AsyncClient(base_url=server.url) as http:  # the server goes on
+        assert (await http.get("/health")).status_code == 200
+    log = server.log()
+    assert "Traceback" not in log
+    assert len(re.findall(r"left before sending its whole body", log)) == 1
+    assert len(re.findall(r"not UTF-8: closed with 1007", log)) == 1
+
+
+async def test_a_body_trickled_in_is_cut_off(shared, thread_of_alice):
+    server = shared
+    thread_id = await thread_of_alice(server)
+    reader, writer = await raw_connection(server)
+    writer.write(f"POST /threads/{thread_id}/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 f"{SETTINGS.mint('alice')}\r\nContent-Length: 100\r\n\r\n{{".encode())
+    await writer.drain()
+    started = time.monotonic()
+    status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+    assert status_line.startswith(b"HTTP/1.1 408")
+    assert time.monotonic() - started < 5
+    writer.close()
+
+
+async def test_a_socket_that_never_reads_is_closed_and_others_go_on(shared, thread_of_alice):
+    server = shared
+    thread_id = await thread_of_alice(server)
+    stuck = await asyncio.to_thread(raw_websocket, server, f"/threads/{thread_id}/ws", bearer("alice"), 4096)
+    memory_before = rss_mib(server.process.pid)
+    async with httpx2.AsyncClient(base_url=server.url, timeout=60) as http:
+        ws = await connect(f"{server.url.replace('http', 'ws', 1)}/threads/{thread_id}/ws",
+                           additional_headers=bearer("alice"), close_timeout=1)
+        await next_frame(ws)
+        for _ in range(12):  # each run sends the stuck socket about 64 KiB: twice the message
+            answer = await http.post(f"/threads/{thread_id}/messages", json={"content": "y" * 32_000},
+                                     headers=bearer("alice"))
+            assert answer.status_code == 201
+            assert (await frames_until(ws, "run.completed"))[-1]["type"] == "run.completed"
+    assert await asyncio.to_thread(close_code_of, stuck) == 1013
+    assert rss_mib(server.process.pid) - memory_before < 50
+    await ws.close()
+    stuck.close()
+
