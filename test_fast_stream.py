@@ -1,0 +1,245 @@
+"""The fast path for text deltas (assistants.stream_events) against the SDK's own parsing of the same bytes:
+the SDK's `responses.create(stream=True)` with strict validation, event by event and error by error.
+
+The offline model's streams, every fault included, go over real HTTP. Byte-level cases (events split across
+network reads at every size, CRLF and CR line ends, U+2028 inside a delta, multi-line data, comments) need
+exact chunks, so those are served from memory by an httpx2 transport, the SDK's own HTTP layer."""
+
+import asyncio
+import json
+
+import httpx2
+import openai
+import pytest
+from openai.types.responses import ResponseRefusalDeltaEvent, ResponseTextDeltaEvent
+
+from assistants import TextDelta, stream_events
+from offline_model import FAULTS, OfflineModel, serve_on_loopback
+
+pytestmark = pytest.mark.anyio
+REQUEST = {"model": "gpt-test", "input": [{"type": "message", "role": "user", "content": "[alice] say something"}]}
+
+
+def seen(event) -> tuple:
+    """What an event says, whichever path produced it: a delta by its fields, any other event whole."""
+    if isinstance(event, (TextDelta, ResponseTextDeltaEvent, ResponseRefusalDeltaEvent)):
+        return ("delta", event.type, event.item_id, event.delta)
+    return (type(event).__name__, event.model_dump())
+
+
+def without_ids(value):
+    """Over real HTTP the two readings are two requests, and the model gives each response new ids and times."""
+    if isinstance(value, dict):
+        return {key: "-" if key in ("id", "item_id", "created_at") else without_ids(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        if value and value[0] == "delta":
+            return value[:2] + value[3:]
+        return [without_ids(item) for item in value]
+    return value
+
+
+def raised(error: BaseException | None) -> tuple | None:
+    if error is None:
+        return None
+    if isinstance(error, openai.APIError):
+        return type(error), error.message, error.code, getattr(error, "body", None)
+    return type(error), str(error)
+
+
+async def through_sdk(client: openai.AsyncOpenAI) -> tuple[list, tuple | None]:
+    events, error = [], None
+    try:
+        async with await client.responses.create(**REQUEST, stream=True) as stream:
+            async for event in stream:
+                events.append(seen(event))
+    except Exception as failure:  # what the engine would catch
+        error = failure
+    return events, raised(error)
+
+
+async def through_fast_path(client: openai.AsyncOpenAI) -> tuple[list, tuple | None]:
+    events, error = [], None
+    try:
+        async for event in stream_events(client, **REQUEST):
+            events.append(seen(event))
+    except Exception as failure:
+        error = failure
+    return events, raised(error)
+
+
+# ---------------------------------------------------------------- the offline model, over real HTTP
+
+@pytest.fixture
+async def model_url():
+    model = OfflineModel(token_delay=0)
+    async with serve_on_loopback(model.app) as url:
+        yield model, url + "/v1"
+
+
+@pytest.mark.parametrize("fault", [None, *FAULTS])
+async def test_every_stream_of_the_offline_model_reads_the_same_both_ways(model_url, fault):
+    model, url = model_url
+    client = openai.AsyncOpenAI(base_url=url, api_key="offline", max_retries=0, timeout=2,
+                                _strict_response_validation=True)
+    results = []
+    for read in (through_sdk, through_fast_path):
+        if fault:
+            model.fail_next(fault)
+        results.append(await read(client))
+    await client.close()
+    (sdk_events, sdk_error), (fast_events, fast_error) = results
+    assert without_ids(fast_events) == without_ids(sdk_events)
+    assert fast_error == sdk_error
+    assert sdk_events or sdk_error  # the case is not empty
+
+
+# ---------------------------------------------------------------- exact bytes
+
+MESSAGE = "msg_1"
+
+
+def response(status: str, **extra) -> dict:
+    return {"id": "resp_1", "object": "response", "created_at": 1700000000, "model": "gpt-test", "output": [],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "status": status, "temperature": 1.0,
+            "top_p": 1.0, "error": None, "incomplete_details": None} | extra
+
+
+def numbered(events: list[dict]) -> list[dict]:
+    return [event | {"sequence_number": number} for number, event in enumerate(events)]
+
+
+def text_reply(deltas=("Hel", "lo", " wor\u2028ld", " é 😀")) -> list[dict]:
+    where = {"item_id": MESSAGE, "output_index": 0, "content_index": 0}
+    text = "".join(deltas)
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    item = {"id": MESSAGE, "type": "message", "status": "completed", "role": "assistant", "content": [part],
+            "phase": "final_answer"}
+    usage = {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7,
+             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+             "output_tokens_details": {"reasoning_tokens": 0}}
+    return numbered([
+        {"type": "response.created", "response": response("in_progress")},
+        {"type": "response.output_item.added", "output_index": 0, "item": item | {"status": "in_progress",
+                                                                                    "content": []}},
+        {"type": "response.content_part.added", **where, "part": part | {"text": ""}},
+        *({"type": "response.output_text.delta", **where, "delta": delta, "logprobs": []} for delta in deltas),
+        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": response("completed", output=[item], usage=usage)},
+    ])
+
+
+def sse(events: list[dict], line_end: str = "\n", multiline: bool = False, comments: bool = False) -> bytes:
+    frames = []
+    for event in events:
+        encoded = json.dumps(event, indent=1 if multiline else None, ensure_ascii=False)
+        lines = ([": keep-alive"] if comments else []) + [f"event: {event['type']}"]
+        lines += [f"data: {line}" for line in encoded.split("\n")]
+        frames.append(line_end.join(lines) + line_end + line_end)
+    return "".join(frames).encode()
+
+
+def in_chunks(body: bytes, size: int) -> list[bytes]:
+    return [body[start:start + size] for start in range(0, len(body), size)]
+
+
+def served(chunks: list[bytes], then: Exception | None = None) -> openai.AsyncOpenAI:
+    """A client whose upstream answers every request with `chunks`, read by read (then raises `then`)."""
+    async def body():
+        for chunk in chunks:
+            yield chunk
+        if then is not None:
+            raise then
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    return openai.AsyncOpenAI(api_key="sk-test", base_url="http://upstream.test/v1", max_retries=0,
+                              http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)),
+                              _strict_response_validation=True)
+
+
+async def both_ways(chunks: list[bytes], then: Exception | None = None):
+    return [await read(served(chunks, then)) for read in (through_sdk, through_fast_path)]
+
+
+flat_error = text_reply(["a", "b"])[:4] + [{"type": "error", "code": "server_error", "message": "flat",
+                                            "param": None, "sequence_number": 4}]
+nested_error = text_reply(["a", "b"])[:4] + [{"type": "error", "sequence_number": 4, "error": {
+    "type": "server_error", "code": "server_error", "message": "nested", "param": None}}]
+bad_delta = text_reply()
+bad_delta[3] = bad_delta[3] | {"delta": 5}
+refusal = [event | {"type": "response.refusal.delta"} if event["type"] == "response.output_text.delta" else event
+           for event in text_reply()]
+for event in refusal:
+    event.pop("logprobs", None) if event["type"] == "response.refusal.delta" else None
+BODIES = {
+    "text": sse(text_reply()),
+    "refusal deltas": sse(refusal),
+    "flat error event": sse(flat_error),
+    "nested error event": sse(nested_error),
+    "a delta of the wrong shape": sse(bad_delta),
+    "CRLF line ends": sse(text_reply(), line_end="\r\n"),
+    "CR line ends": sse(text_reply(), line_end="\r"),
+    "data over several lines": sse(text_reply(), multiline=True),
+    "comments between events": sse(text_reply(), comments=True),
+    "not JSON": sse(text_reply())[:200] + b'\n\ndata: {"type": "response.output_text.del\n\n',
+    "cut short in an event": sse(text_reply())[:-40],
+    "[DONE]": sse(text_reply()[:3]) + b"data: [DONE]\n\n" + sse(text_reply()[3:]),
+}
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64, 100_000])
+@pytest.mark.parametrize("name", BODIES)
+async def test_the_same_bytes_read_the_same_both_ways_however_they_are_cut(name, size):
+    (sdk_events, sdk_error), (fast_events, fast_error) = await both_ways(in_chunks(BODIES[name], size))
+    assert fast_events == sdk_events
+    assert fast_error == sdk_error
+
+
+@pytest.mark.parametrize("failure", [httpx2.ReadError("reset"), httpx2.RemoteProtocolError("cut"),
+                                     httpx2.ReadTimeout("slow")])
+async def test_a_body_broken_midway_raises_the_same_error_both_ways(failure):
+    (sdk_events, sdk_error), (fast_events, fast_error) = await both_ways(in_chunks(sse(text_reply()), 50), failure)
+    assert fast_events == sdk_events
+    assert fast_error == sdk_error
+    assert sdk_error[0] in (openai.APIConnectionError, openai.APITimeoutError)
+
+
+async def test_deltas_skip_pydantic_and_other_events_are_the_sdks_own_types():
+    events = [event async for event in stream_events(served([sse(text_reply())]), **REQUEST)]
+    assert [type(event).__name__ for event in events if isinstance(event, TextDelta)] == ["TextDelta"] * 4
+    assert {type(event).__module__.split(".")[0] for event in events if not isinstance(event, TextDelta)} == {"openai"}
+
+
+async def test_an_event_newer_than_the_sdk_is_skipped_where_strict_parsing_would_fail():
+    newer = text_reply()
+    newer.insert(3, {"type": "response.something_new", "sequence_number": 99, "detail": "from the future"})
+    (sdk_events, sdk_error), (fast_events, fast_error) = await both_ways([sse(newer)])
+    assert sdk_error[0] is openai.APIResponseValidationError
+    assert fast_error is None
+    assert fast_events == (await through_fast_path(served([sse(text_reply())])))[0]
+
+
+async def test_closing_the_fast_path_early_closes_the_upstream_response():
+    closed = asyncio.Event()
+
+    async def body():
+        try:
+            for chunk in in_chunks(sse(text_reply()), 40):
+                yield chunk
+                await asyncio.sleep(0)
+            await asyncio.Event().wait()  # an upstream still writing
+        finally:
+            closed.set()
+
+    client = openai.AsyncOpenAI(api_key="sk-test", base_url="http://upstream.test/v1", max_retries=0,
+                                http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(
+                                    lambda request: httpx2.Response(200, content=body(), headers={
+                                        "content-type": "text/event-stream"}))))
+    events = stream_events(client, **REQUEST)
+    async for event in events:
+        if isinstance(event, TextDelta):
+            break
+    await events.aclose()
+    await asyncio.wait_for(closed.wait(), 1)
