@@ -407,7 +407,7 @@ async def thread_events(request: Request) -> Response:
 def resume_point(value: str | None) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 20:
+    if not re.fullmatch(r"[0-9]{1,20}", value):
         raise bad_request("after / Last-Event-ID: a seq, the number of the last event received")
     return int(value)
 

@@ -114,6 +114,7 @@ class Database(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Cursor]: ...
+    def reading(self) -> contextlib.AbstractAsyncContextManager[Cursor]: ...
     async def hold_process_lock(self) -> bool: ...
 
 
@@ -175,13 +176,22 @@ class SQLite:
     async def transaction(self) -> AsyncIterator[Cursor]:
         async with self._lock:
             # IMMEDIATE takes the write lock now: a read that later writes cannot deadlock another process.
-            await self.call(lambda: self.connection.execute("BEGIN IMMEDIATE"))
+            begin = asyncio.ensure_future(self.call(lambda: self.connection.execute("BEGIN IMMEDIATE")))
             try:
+                await asyncio.shield(begin)  # cancelled or not, BEGIN runs to its end on the database's thread
                 yield SQLiteCursor(self)
             except BaseException:
-                await asyncio.shield(self.call(lambda: self.connection.execute("ROLLBACK")))
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(begin)
+                if self.connection.in_transaction:
+                    await asyncio.shield(self.call(lambda: self.connection.execute("ROLLBACK")))
                 raise
             await asyncio.shield(self.call(lambda: self.connection.execute("COMMIT")))
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[Cursor]:
+        async with self._lock:  # each statement on its own, without the write lock a transaction takes
+            yield SQLiteCursor(self)
 
     async def hold_process_lock(self) -> bool:
         """Whether this is the only process serving the file: an exclusive lock beside it, held until exit."""
@@ -235,6 +245,11 @@ class Postgres:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Cursor]:
         async with self._pool.connection() as connection, connection.transaction():
+            yield PostgresCursor(connection)
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[Cursor]:
+        async with self._pool.connection() as connection:  # autocommit: each statement on its own
             yield PostgresCursor(connection)
 
     async def hold_process_lock(self) -> bool:
@@ -509,7 +524,7 @@ class Store:
 
     async def find_assistant(self, sub: str, ref: str) -> Assistant:
         """By id or name among the caller's own and the shared ones; the caller's own hides a shared namesake."""
-        async with self.db.transaction() as tx:
+        async with self.db.reading() as tx:
             row = await tx.one("SELECT * FROM assistants WHERE owner IN (?, ?) AND (id = ? OR name = ?) "
                                "ORDER BY id = ? DESC, owner = ? ASC LIMIT 1", SHARED, sub, ref, ref, ref, SHARED)
         if row is None:
@@ -517,7 +532,7 @@ class Store:
         return Assistant.from_row(row)
 
     async def list_assistants(self, sub: str, page: Page) -> Listing:
-        async with self.db.transaction() as tx:
+        async with self.db.reading() as tx:
             listing = await self._page(tx, "assistants", "owner IN (?, ?)", (SHARED, sub), ("n",), "asc", page)
         listing.data = [Assistant.from_row(row) for row in listing.data]
         return listing
@@ -555,7 +570,7 @@ class Store:
     async def visible_thread(self, thread_id: str, sub: str) -> Thread:
         """The thread, if `sub` may see it. One primary-key lookup, the same for a foreign thread as
         for a missing one."""
-        async with self.db.transaction() as tx:
+        async with self.db.reading() as tx:
             row = await tx.one("SELECT t.* FROM thread_access a JOIN threads t ON t.id = a.thread_id "
                                "WHERE a.thread_id = ? AND a.sub = ?", thread_id, sub)
         if row is None:
@@ -564,7 +579,7 @@ class Store:
 
     async def list_threads(self, sub: str, page: Page) -> Listing:
         source = "threads t JOIN thread_access a ON a.thread_id = t.id"
-        async with self.db.transaction() as tx:
+        async with self.db.reading() as tx:
             listing = await self._page(tx, f"(SELECT t.* FROM {source} WHERE a.sub = ?) mine", "1 = 1", (sub,),
                                        ("updated_at", "n"), "desc", page)
         listing.data = [Thread.from_row(row) for row in listing.data]
@@ -602,14 +617,14 @@ class Store:
     # ------------------------------------------------------------ messages
 
     async def list_messages(self, thread_id: str, page: Page) -> Listing:
-        async with self.db.transaction() as tx:
+        async with self.db.reading() as tx:
             listing = await self._page(tx, "messages", "thread_id = ?", (thread_id,), ("n",), "asc", page)
         listing.data = [message_json(row) for row in listing.data]
         return listing
 
     async def recent_messages(self, thread_id: str, limit: int) -> list[dict]:
         """The thread's last `limit` messages, newest first."""
-        async with self.db.transaction() as tx:
+        async with self.db.reading() as tx:
             rows = await tx.all("SELECT * FROM messages WHERE thread_id = ? ORDER BY n DESC LIMIT ?", thread_id, limit)
         return [message_json(row) for row in rows]
 
@@ -657,7 +672,7 @@ class Store:
     async def runs(self, run_ids: list[str]) -> list[Run]:
         if not run_ids:
             return []
-        async with self.db.transaction() as tx:
+        async with self.db.reading() as tx:
             rows = await tx.all(f"SELECT * FROM runs WHERE id IN ({', '.join('?' * len(run_ids))}) ORDER BY n",
                                 *run_ids)
         return [Run.from_row(row) for row in rows]
@@ -665,7 +680,7 @@ class Store:
     async def messages(self, message_ids: list[str]) -> dict[str, dict]:
         if not message_ids:
             return {}
-        async with self.db.transaction() as tx:
+        async with self.db.reading() as tx:
             rows = await tx.all(f"SELECT * FROM messages WHERE id IN ({', '.join('?' * len(message_ids))})",
                                 *message_ids)
         return {row["id"]: message_json(row) for row in rows}
@@ -759,7 +774,7 @@ class Store:
 
     async def threads_waiting_for_a_runner(self, limit: int = 100) -> list[str]:
         """Threads with pending runs that no live process is running: new, or left by one that stopped."""
-        async with self.db.transaction() as tx:
+        async with self.db.reading() as tx:
             rows = await tx.all("SELECT DISTINCT r.thread_id FROM runs r JOIN threads t ON t.id = r.thread_id "
                                 "WHERE r.status IN ('queued', 'active') AND (t.runner IS NULL OR t.runner_until < ?) "
                                 "LIMIT ?", time.time(), limit)
@@ -767,6 +782,6 @@ class Store:
 
     async def check(self) -> None:
         """A round trip to the database, for health checks."""
-        async with self.db.transaction() as tx:
+        async with self.db.reading() as tx:
             await tx.one("SELECT 1 AS ok")
 

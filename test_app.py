@@ -614,7 +614,8 @@ def test_the_model_is_sent_the_history_with_authors_and_the_attribution_note(cli
     assert sent["store"] is False
     assert sent["stream"] is True
     assert sent["model"] == client.app.state.config.openai_model
-    assert sent["metadata"] == {"run_id": reply["run_id"], "assistant_id": reply["assistant"]["id"]}
+    assert sent["metadata"] == {"run_id": reply["run_id"], "assistant_id": reply["assistant"]["id"],
+                                "assistant_name": reply["assistant"]["name"]}
 
 
 def test_run_false_stores_without_a_reply_and_a_run_answers_later(client, auth):
