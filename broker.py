@@ -142,6 +142,7 @@ class MemoryBroker:
         self.process_id = new_process_id()
         self.logs: OrderedDict[str, ThreadLog] = OrderedDict()  # least recently active first
         self.logged = 0
+        self.watched: set[str] = set()  # threads with listeners: they keep their counter when their log goes
         self.slots: dict[str, set[str]] = {}
         self._deliver: Callable[[str, list[Event]], None] = lambda thread_id, events: None
         self._on_signal: Callable[[dict], None] = lambda message: None
@@ -157,12 +158,16 @@ class MemoryBroker:
 
     def _log(self, thread_id: str) -> ThreadLog:
         log = self.logs.get(thread_id)
-        if log is None or time.monotonic() - log.last_event_at > self.window.seconds:
-            if log is not None:
-                self.logged -= len(log.events)
+        if log is None:
             log = self.logs[thread_id] = ThreadLog()
+        elif time.monotonic() - log.last_event_at > self.window.seconds:
+            self._forget_events(log)
         self.logs.move_to_end(thread_id)
         return log
+
+    def _forget_events(self, log: ThreadLog) -> None:
+        self.logged -= len(log.events)
+        log.events.clear()
 
     def publish(self, thread_id: str, event: dict) -> None:
         log = self._log(thread_id)
@@ -179,29 +184,25 @@ class MemoryBroker:
         self._deliver(thread_id, [logged])
 
     def _trim(self, now: float) -> None:
-        """Drop the logs of threads idle past the window, then, over the bound in all, the idlest ones."""
-        while self.logs:
-            thread_id, log = next(iter(self.logs.items()))
+        """Drop the logs of threads idle past the window, then, over the bound in all, the idlest ones. A thread
+        with a run in progress or listeners here keeps its counter (its seq goes on by one) and run record."""
+        for thread_id in list(self.logs):
+            log = self.logs[thread_id]
             idle = now - log.last_event_at > self.window.seconds
             if not idle and self.logged <= self.window.events_in_all:
                 return
-            if log.active is not None and not idle:
-                # A run in progress keeps its thread's counter: only its old events go.
-                self.logged -= len(log.events)
-                log.events.clear()
-                self.logs.move_to_end(thread_id)
-                if self.logged > self.window.events_in_all:
-                    continue
-                return
-            self.logged -= len(log.events)
-            del self.logs[thread_id]
+            self._forget_events(log)
+            if log.active is None and thread_id not in self.watched:
+                del self.logs[thread_id]
 
     def signal(self, message: dict) -> None:
         self._on_signal(message)
 
-    async def watch(self, thread_id: str) -> None: ...
+    async def watch(self, thread_id: str) -> None:
+        self.watched.add(thread_id)
 
-    async def unwatch(self, thread_id: str) -> None: ...
+    async def unwatch(self, thread_id: str) -> None:
+        self.watched.discard(thread_id)
 
     async def catch_up(self, thread_id: str, after: int | None) -> CatchUp:
         log = self._log(thread_id)

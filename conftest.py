@@ -69,17 +69,20 @@ def auth(jwt_settings):
     return lambda sub: {"Authorization": f"Bearer {jwt_settings.mint(sub)}"}
 
 
-def test_config(directory: Path, **overrides) -> Config:
+def config_for(directory: Path, **overrides) -> Config:
     """Fast offline tokens, a database of its own, no shared-assistants file; `overrides` on top."""
     config = Config(database_url=f"sqlite:///{directory}/gainz.db", assistants_file=directory / "assistants.json",
                     offline_token_delay=0.002)
     return dataclasses.replace(config, **overrides)
 
 
+test_config = config_for  # until the last modules that import it by this name move to config_for
+
+
 @pytest.fixture
 def make_app(tmp_path, jwt_settings):
     """An app factory; keyword arguments override the test Config."""
-    return lambda **overrides: create_app(test_config(tmp_path, **overrides), jwt_settings)
+    return lambda **overrides: create_app(config_for(tmp_path, **overrides), jwt_settings)
 
 
 @pytest.fixture

@@ -15,12 +15,15 @@ from collections import deque
 from typing import AsyncIterator, Awaitable, Callable
 
 from starlette import status
+from starlette.websockets import WebSocketDisconnect
+from uvicorn.protocols.utils import ClientDisconnected
 
 from broker import Broker, Event, encode
 
 log = logging.getLogger("gainz")
 
 SLOW_CONSUMER_CLOSE_CODE = status.WS_1013_TRY_AGAIN_LATER
+CLIENT_GONE = (WebSocketDisconnect, ClientDisconnected, OSError)  # a client that left mid-send: nothing to report
 MAX_BACKLOG_CHARS = 512 * 1024
 
 
@@ -87,6 +90,7 @@ class Connection:
         self.held_chars = 0
         self.close_code: int | None = None
         self.writer: asyncio.Task | None = None
+        self.endpoint = asyncio.current_task()  # serves the listener; done once it has closed it
         self._wakeup = asyncio.Event()
 
     def start(self, floor: int, first: list[Event]) -> None:
@@ -144,7 +148,7 @@ class Connection:
         self.writer = asyncio.create_task(self._write(send))
 
     async def _write(self, send: Callable[[str], Awaitable[None]]) -> None:
-        with contextlib.suppress(Closed):
+        with contextlib.suppress(Closed, *CLIENT_GONE):
             while True:
                 frame = await self.get()
                 await send(frame.text(self.thread_id))
@@ -208,8 +212,7 @@ class Hub:
             if connection.writer is not None:
                 await asyncio.wait([connection.writer])
                 if not connection.writer.cancelled() and (error := connection.writer.exception()):
-                    if not isinstance(error, OSError):
-                        log.error("writing to a socket failed", exc_info=error)
+                    log.error("writing to a socket failed", exc_info=error)
 
     @staticmethod
     def resync_event(thread_id: str, seq: int) -> Event:
@@ -250,8 +253,9 @@ class Hub:
                 self.drop(connection, code)
 
     def close_all(self, code: int) -> list[asyncio.Task]:
-        """Close every listener with `code`; returns the writer tasks, done once each has stopped."""
+        """Close every listener with `code`; returns the tasks serving them, each done once it has sent its
+        client the close (a socket's close frame, an event stream's end, a waiting request's answer)."""
         connections = [connection for listeners in self.threads.values() for connection in listeners]
         for connection in connections:
             self.drop(connection, code)
-        return [connection.writer for connection in connections if connection.writer is not None]
+        return [connection.endpoint for connection in connections if connection.endpoint is not None]

@@ -327,8 +327,9 @@ async def until_runs_end(connection: Connection, submission: Submission, store: 
     while waiting:
         try:
             frame = await connection.get(timeout=RUN_CHECK_SECONDS)
-        except Closed:
-            raise NotFound("thread not found") from None  # deleted meanwhile
+        except Closed as closed:  # the service is stopping (its runs wait in the store), or the thread was deleted
+            raise (ServiceStopping() if closed.code == status.WS_1001_GOING_AWAY else NotFound("thread not found")) \
+                from None
         if frame is None or frame.type == "resync":
             waiting -= {run.id for run in await store.runs(sorted(waiting)) if run.ended}
         elif frame.type in TERMINAL:

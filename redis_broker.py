@@ -1,8 +1,8 @@
 """The broker through Redis (`REDIS_URL=redis://...`), for several processes or hosts: see broker.py.
 
 Per thread, Redis holds a counter (the thread's `seq`), a Stream of its recent events (the log clients
-resume from, capped at RESUME_EVENTS entries, each entry's id its `seq`) and the run in progress; all
-expire RESUME_SECONDS after the thread's last event. A Lua script does all of it per event, then
+resume from, capped at RESUME_EVENTS entries, each entry's id its `seq`) and the run in progress; these
+expire RESUME_SECONDS after the thread's last event, the counter a day after. A Lua script does all of it per event, then
 PUBLISHes the event on the thread's channel, so `seq` order is publication order. A Stream rather
 than a list or a sorted set: it reads a range by id (`XRANGE (after +`) and trims itself on append.
 
@@ -59,7 +59,8 @@ for i = 4, #ARGV, 5 do
   elseif kind == 'run.completed' or kind == 'run.failed' or kind == 'run.cancelled' then
     if redis.call('HGET', run_key, 'run_id') == run then redis.call('DEL', run_key, text_key) end
   end
-  for _, k in ipairs({seq_key, log_key, run_key, text_key}) do redis.call('PEXPIRE', k, ttl) end
+  for _, k in ipairs({log_key, run_key, text_key}) do redis.call('PEXPIRE', k, ttl) end
+  redis.call('EXPIRE', seq_key, 86400)  -- the counter outlives the log: a thread's seq goes on by one
   redis.call('PUBLISH', key, text)
   seqs[#seqs + 1] = seq
 end
@@ -71,7 +72,7 @@ local key, after = ARGV[1] .. 't:' .. ARGV[2], ARGV[3]
 local seq_key = key .. ':seq'
 if redis.call('EXISTS', seq_key) == 0 then
   local now = redis.call('TIME')
-  redis.call('SET', seq_key, string.format('%.0f', now[1] * 1000000 + now[2]), 'PX', ARGV[4])
+  redis.call('SET', seq_key, string.format('%.0f', now[1] * 1000000 + now[2]), 'EX', 86400)
 end
 local run = redis.call('HMGET', key .. ':run', 'run_id', 'assistant')
 local missed = {}

@@ -21,11 +21,10 @@ import jwt
 import pytest
 from starlette.testclient import TestClient, WebSocketDenialResponse
 
-import conftest
 from api import MAX_ASSISTANTS_PER_RUN, MAX_CONTENT_CHARS, MAX_MEMBERS, MAX_NAME_CHARS
 from assistants import ATTRIBUTION_NOTE
 from auth import JWTSettings
-from conftest import (TEST_SECRET, assert_seq_grows_by_one, check_run, eventually, frames_until, next_frame,
+from conftest import (config_for, TEST_SECRET, assert_seq_grows_by_one, check_run, eventually, frames_until, next_frame,
                       serve_live)
 from main import DEFAULT_INSTRUCTIONS, MAX_BODY_BYTES, create_app
 
@@ -44,7 +43,7 @@ def anyio_backend():
 def client(tmp_path_factory):
     """One app for the module (each test makes threads of its own, and users of its own where it counts
     per user). No SDK retries, so one injected fault fails one run."""
-    config = conftest.test_config(tmp_path_factory.mktemp("app"), offline_token_delay=0.0, openai_max_retries=0)
+    config = config_for(tmp_path_factory.mktemp("app"), offline_token_delay=0.0, openai_max_retries=0)
     with TestClient(create_app(config, SETTINGS)) as test_client:
         yield test_client
 
@@ -52,7 +51,7 @@ def client(tmp_path_factory):
 @pytest.fixture(scope="module")
 async def live(tmp_path_factory):
     """One live server for the module's streaming and concurrency tests, each on threads of its own."""
-    config = conftest.test_config(tmp_path_factory.mktemp("live"), openai_max_retries=0)
+    config = config_for(tmp_path_factory.mktemp("live"), openai_max_retries=0)
     async with serve_live(create_app(config, SETTINGS)) as service:
         yield service
 

@@ -16,9 +16,9 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-import conftest  # not `from conftest import test_config`: pytest would collect it as a test
 from auth import JWTSettings
-from conftest import TEST_SECRET, eventually, frames_until, next_frame, serve_live, sse_events, writer_tasks
+from conftest import (TEST_SECRET, config_for, eventually, frames_until, next_frame, serve_live, sse_events,
+                      writer_tasks)
 from main import MAX_BODY_BYTES, MAX_FRAME_CHARS, create_app
 from offline_model import FAULTS
 
@@ -291,7 +291,7 @@ def anyio_backend():
 async def shared(tmp_path_factory):
     """A real uvicorn for this module's live tests, each on threads of its own. No SDK retries, and a
     client that gives up on a silent upstream after a second (the "hang" fault)."""
-    config = conftest.test_config(tmp_path_factory.mktemp("hostile"), openai_max_retries=0,
+    config = config_for(tmp_path_factory.mktemp("hostile"), openai_max_retries=0,
                                   openai_timeout_seconds=1.0, max_runs_per_user=4)
     async with serve_live(create_app(config, JWTSettings(secret=TEST_SECRET))) as service:
         yield service
