@@ -76,9 +76,6 @@ def config_for(directory: Path, **overrides) -> Config:
     return dataclasses.replace(config, **overrides)
 
 
-test_config = config_for  # until the last modules that import it by this name move to config_for
-
-
 @pytest.fixture
 def make_app(tmp_path, jwt_settings):
     """An app factory; keyword arguments override the test Config."""

@@ -310,7 +310,7 @@ async def answer_runs(request: Request, thread_id: str, content: str | None, ass
         await listening.aclose()
         raise
     if wants_event_stream(request):
-        return EventStream(own_events(connection, submission, request.user, app.store), listening)
+        return EventStream(own_events(connection, submission, request.user, app.store), listening, status_code)
     async with listening:
         await until_runs_end(connection, submission, app.store)
     outcome = await app.engine.outcome(submission)
@@ -347,8 +347,8 @@ def sse(frame, thread_id: str) -> str:
 class EventStream(StreamingResponse):
     """Server-Sent Events; `closing` is exited once the response is over, however it ends."""
 
-    def __init__(self, frames, closing: contextlib.AsyncExitStack):
-        super().__init__(frames, media_type="text/event-stream",
+    def __init__(self, frames, closing: contextlib.AsyncExitStack, status_code: int = status.HTTP_200_OK):
+        super().__init__(frames, status_code, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.closing = closing
 

@@ -26,8 +26,14 @@ ERRORS = {
     503: "the upstream is rate limiting, or the service is shutting down (Retry-After)",
     504: "the upstream timed out",
 }
-EVENT_STREAM = {"text/event-stream": {"schema": {"type": "string", "description":
-                "Server-Sent Events: `id: <seq>`, `event: <type>`, `data: <the same JSON a WebSocket gets>`"}}}
+# A text/event-stream schema describes one event (OpenAPI 3.1 has no way to describe the stream as a whole).
+SERVER_SENT_EVENT = {"type": "object", "required": ["id", "event", "data"], "description":
+                     "one Server-Sent Event: `id: <seq>`, `event: <type>`, `data: <the JSON a WebSocket gets>`",
+                     "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"}, "event": {"type": "string"},
+                                    "data": {"type": "string", "contentMediaType": "application/json"}}}
+EVENT_STREAM = {"text/event-stream": {"schema": SERVER_SENT_EVENT}}
+CONTENT_SCHEMAS = {"text/html": {"type": "string"}, "application/json": {"type": "object"},
+                   "text/event-stream": SERVER_SENT_EVENT}
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ def _operation(method: str, path: str, operation: Operation, refs: dict) -> dict
     parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                   for name in _path_names(path)]
     if operation.listing:
-        parameters += [{"name": name, "in": "query", "required": False, "schema": schema}
+        parameters += [{"name": name, "in": "query", "required": False, "schema": _without_null(schema)}
                        for name, schema in ListQuery.model_json_schema()["properties"].items()]
     if path.endswith("/events"):
         parameters += [{"name": "after", "in": "query", "required": False,
@@ -133,9 +139,8 @@ def _operation(method: str, path: str, operation: Operation, refs: dict) -> dict
                        {"name": "Last-Event-ID", "in": "header", "required": False,
                         "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"}}]
     if operation.streams:
-        parameters.append({"name": "Accept", "in": "header", "required": False,
-                           "description": "text/event-stream: the request's own events as they happen",
-                           "schema": {"type": "string"}})
+        described["description"] = ("With `Accept: text/event-stream`, the answer is the request's own events as "
+                                    "they happen, ending after its last run.")
     if parameters:
         described["parameters"] = parameters
     if operation.body is not None:
@@ -149,7 +154,7 @@ def _operation(method: str, path: str, operation: Operation, refs: dict) -> dict
             if operation.streams:
                 answer["content"] |= EVENT_STREAM
         elif operation.content_type:
-            answer["content"] = {operation.content_type: {"schema": {"type": "string"}}}
+            answer["content"] = {operation.content_type: {"schema": CONTENT_SCHEMAS[operation.content_type]}}
         answers[str(status_code)] = answer
     error = {"content": {"application/json": {"schema": _schema(refs, Error)}}}
     for status_code in sorted(set(operation.errors) | ({401} if not operation.public else set())):
@@ -157,6 +162,15 @@ def _operation(method: str, path: str, operation: Operation, refs: dict) -> dict
     described["responses"] = answers
     described["security"] = [] if operation.public else [{"bearer": []}]
     return described
+
+
+def _without_null(schema: dict) -> dict:
+    """A query string cannot carry a null: the parameter's schema without its null branch."""
+    if "anyOf" not in schema:
+        return schema
+    rest = [branch for branch in schema["anyOf"] if branch != {"type": "null"}]
+    return {key: value for key, value in schema.items() if key not in ("anyOf", "default")} | (
+        rest[0] if len(rest) == 1 else {"anyOf": rest})
 
 
 def _path_names(path: str) -> list[str]:
