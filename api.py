@@ -7,8 +7,16 @@ models, with the resources', give the OpenAPI document its schemas (see `openapi
 
 from typing import Annotated, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter,
-                      ValidationError, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 MAX_CONTENT_CHARS = 32_000
 MAX_NAME_CHARS = 64
@@ -31,18 +39,21 @@ def distinct(items: list) -> list:
     return list(dict.fromkeys(items))
 
 
-def text(max_chars: int, description: str):
-    return Annotated[str, StringConstraints(min_length=1, max_length=max_chars), AfterValidator(not_blank),
-                     Field(description=description)]
+def text(max_chars: int) -> StringConstraints:
+    return StringConstraints(min_length=1, max_length=max_chars)
 
 
-Content = text(MAX_CONTENT_CHARS, "the message's text")
-Name = text(MAX_NAME_CHARS, "unique among the caller's assistants")
-Model = text(MAX_MODEL_CHARS, "the upstream's model name")
+# Written out, not made by a function: a type checker takes only a written type for a type.
+Content = Annotated[str, text(MAX_CONTENT_CHARS), AfterValidator(not_blank), Field(description="the message's text")]
+Name = Annotated[str, text(MAX_NAME_CHARS), AfterValidator(not_blank),
+                 Field(description="unique among the caller's assistants")]
+Model = Annotated[str, text(MAX_MODEL_CHARS), AfterValidator(not_blank), Field(description="the upstream's model name")]
 Instructions = Annotated[str, Field(max_length=MAX_INSTRUCTIONS_CHARS, description="sent with every run")]
-Title = text(MAX_TITLE_CHARS, "a title; by default the start of the first message")
-Sub = text(MAX_SUB_CHARS, "a user id (a token's sub)")
-AssistantRef = text(MAX_NAME_CHARS + 64, "an assistant's id or name")
+Title = Annotated[str, text(MAX_TITLE_CHARS), AfterValidator(not_blank),
+                  Field(description="a title; by default the start of the first message")]
+Sub = Annotated[str, text(MAX_SUB_CHARS), AfterValidator(not_blank), Field(description="a user id (a token's sub)")]
+AssistantRef = Annotated[str, text(MAX_NAME_CHARS + 64), AfterValidator(not_blank),
+                         Field(description="an assistant's id or name")]
 Members = Annotated[list[Sub], Field(max_length=MAX_MEMBERS, description="user ids who share the thread"),
                     AfterValidator(distinct)]
 

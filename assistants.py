@@ -13,7 +13,8 @@ import json
 import logging
 import re
 import ssl
-from typing import Annotated, AsyncIterator, Callable, NamedTuple, get_args
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Annotated, NamedTuple, get_args
 
 import anyio
 import httpx2
@@ -21,7 +22,7 @@ import openai
 from openai.types.responses import ResponseStreamEvent
 from pydantic import Field, TypeAdapter, ValidationError
 
-from store import Assistant, LeaseLost, NotFound, Run, Store, Submission
+from store import Assistant, LeaseLost, Run, Store, Submission
 
 log = logging.getLogger("gainz")
 
@@ -117,7 +118,8 @@ def clean_text(text: str) -> str:
 
 DELTA_TYPES = ("response.output_text.delta", "response.refusal.delta")
 # The SDK's own event types, told apart by `type` (the SDK tries its union's sixty members in turn instead).
-STREAM_EVENT: TypeAdapter = TypeAdapter(Annotated[get_args(ResponseStreamEvent)[0], Field(discriminator="type")])
+STREAM_EVENT: TypeAdapter = TypeAdapter(
+    Annotated[get_args(ResponseStreamEvent)[0], Field(discriminator="type")])  # type: ignore[arg-type]
 KNOWN_TYPES = frozenset(STREAM_EVENT.json_schema()["discriminator"]["mapping"])
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
@@ -130,7 +132,7 @@ class TextDelta(NamedTuple):
     delta: str
 
 
-async def stream_events(client: openai.AsyncOpenAI, **request) -> AsyncIterator:
+async def stream_events(client: openai.AsyncOpenAI, **request) -> AsyncGenerator:
     """What `client.responses.create(**request, stream=True)` yields, but text deltas come as TextDelta.
 
     Why: the SDK validates every streamed event into a union of some sixty pydantic models, about 60 µs a
@@ -163,10 +165,10 @@ async def stream_events(client: openai.AsyncOpenAI, **request) -> AsyncIterator:
                 raise openai.APIResponseValidationError(response.http_response, event) from invalid
 
 
-async def server_sent_data(response) -> AsyncIterator[str]:
+async def server_sent_data(response) -> AsyncGenerator[str, None]:
     """The `data` of each Server-Sent Event of a response. Lines end at CR, LF or CRLF only
     (`iter_lines` would also end them at U+2028, which a JSON string may hold as it is)."""
-    buffer, data = b"", []
+    buffer, data = b"", list[str]()
     try:
         async for chunk in chunks_then_none(response.iter_bytes()):
             buffer += chunk or b""
@@ -189,7 +191,7 @@ async def server_sent_data(response) -> AsyncIterator[str]:
         raise openai.APIConnectionError(request=response.http_response.request) from error
 
 
-async def chunks_then_none(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes | None]:
+async def chunks_then_none(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes | None, None]:
     async for chunk in chunks:
         yield chunk
     yield None
@@ -204,7 +206,8 @@ class RunEventHandler:
 
     async def on_text_delta(self, thread_id: str, run_id: str, delta: str) -> None: ...
 
-    async def on_run_completed(self, thread_id: str, run_id: str, message: dict, usage: dict | None) -> None: ...
+    async def on_run_completed(self, thread_id: str, run_id: str, message: dict | None,
+                               usage: dict | None) -> None: ...
 
     async def on_run_failed(self, thread_id: str, run_id: str, error: UpstreamError) -> None: ...
 
@@ -351,8 +354,7 @@ class Engine:
             del self._draining[thread_id]
 
     async def _run_queue(self, thread_id: str) -> None:
-        drain = asyncio.current_task()
-        keeper = asyncio.create_task(self._keep_lease(thread_id, drain))
+        keeper = asyncio.create_task(self._keep_lease(thread_id, asyncio.current_task()))
         try:
             while not self._stopping:
                 started = await self.store.start_next_run(thread_id, self.runner_id)
@@ -362,15 +364,17 @@ class Engine:
         finally:
             keeper.cancel()
 
-    async def _keep_lease(self, thread_id: str, drain: asyncio.Task) -> None:
+    async def _keep_lease(self, thread_id: str, drain: asyncio.Task | None) -> None:
         try:
             while True:
                 await asyncio.sleep(self.lease_seconds / 3)
                 # The store also says which of its runs someone asked to stop: a signal may have been lost.
-                for run_id, by in (await self.store.renew_thread(thread_id, self.runner_id, self.lease_seconds)).items():
+                asked = await self.store.renew_thread(thread_id, self.runner_id, self.lease_seconds)
+                for run_id, by in asked.items():
                     self.stop_run(run_id, by)
         except LeaseLost:
-            drain.cancel()
+            if drain is not None:
+                drain.cancel()
         except Exception:
             log.exception("renewing the lease on thread %s failed", thread_id)
 
@@ -391,8 +395,8 @@ class Engine:
         try:
             usage = await stream
         except asyncio.CancelledError:
-            by = self._cancelled_by.get(run.id)
-            if by is None or asyncio.current_task().cancelling():
+            by, this = self._cancelled_by.get(run.id), asyncio.current_task()
+            if by is None or (this is not None and this.cancelling()):
                 raise  # the service is stopping, or lost the thread: the run stays pending for the next runner
             message = await self.store.finish_run(run, self.runner_id, "cancelled", reply="".join(parts) or None)
             await events.on_run_cancelled(thread_id, run.id, by, message)
@@ -409,7 +413,7 @@ class Engine:
 
     async def history(self, thread_id: str, assistant: Assistant) -> list[dict]:
         """The thread's latest messages, oldest first, as many as fit the context budget."""
-        items, budget = [], self.context_chars
+        items, budget = list[dict](), self.context_chars
         for message in await self.store.recent_messages(thread_id, HISTORY_MESSAGES):
             item = input_item(message, assistant)
             budget -= len(item["content"])
@@ -428,7 +432,8 @@ class Engine:
                 self.client, model=assistant.model,
                 instructions=f"{assistant.instructions}\n\n{ATTRIBUTION_NOTE}".lstrip(), input=history,
                 # The service keeps the conversation itself and sends it every time: nothing needs to stay upstream.
-                store=False, metadata={"run_id": run.id, "assistant_id": assistant.id, "assistant_name": assistant.name})
+                store=False,
+                metadata={"run_id": run.id, "assistant_id": assistant.id, "assistant_name": assistant.name})
             async with contextlib.aclosing(events):
                 async for event in events:
                     if event.type in DELTA_TYPES:
@@ -437,15 +442,17 @@ class Engine:
                             parts.append(delta)
                             await self.events.on_text_delta(run.thread_id, run.id, delta)
                     elif event.type == "response.output_item.added":
-                        if event.item.type == "message" and getattr(event.item, "phase", None) not in (None, "final_answer"):
-                            not_the_reply.add(event.item.id)
+                        item = event.item
+                        if item.type == "message" and getattr(item, "phase", None) not in (None, "final_answer"):
+                            not_the_reply.add(item.id)
                     elif event.type == "response.completed":
                         usage = event.response.usage
                         return usage and {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
                     elif event.type in ("response.failed", "response.incomplete"):
                         error = event.response.error
                         log.warning("run %s failed upstream: %s", run.id, error.message if error else event.type)
-                        raise UpstreamError(error.code if error else "incomplete", "the model failed to finish the reply")
+                        raise UpstreamError(error.code if error else "incomplete",
+                                            "the model failed to finish the reply")
                     elif event.type == "error":  # the spec's flat shape; the nested one raises APIError
                         log.warning("run %s: upstream error event %s: %s", run.id, event.code, event.message)
                         raise UpstreamError(event.code or "upstream_error", "the upstream failed")

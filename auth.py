@@ -4,7 +4,6 @@ an ASGI middleware that guards HTTP and WebSocket routes, and a CLI that mints t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import secrets
 import sys
@@ -98,7 +97,7 @@ class JWTSettings:
     def verify(self, token: str) -> User:
         try:
             # With no audience configured, aud is "not checked" (contract), not "must be absent".
-            options = {"require": ["sub", "exp"], "verify_aud": self.audience is not None}
+            options: jwt.types.Options = {"require": ["sub", "exp"], "verify_aud": self.audience is not None}
             claims = jwt.decode(token, self.secret, algorithms=[self.algorithm], options=options,
                                 audience=self.audience, issuer=self.issuer, leeway=self.leeway_seconds)
         except jwt.ExpiredSignatureError:
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
         database = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
         try:
-            generated = asyncio.run(stored_setting(database, JWT_SECRET_SETTING))
+            generated = stored_setting(database, JWT_SECRET_SETTING)
         except Exception as error:
             print(f"auth.py: could not read the database {database}: {error}", file=sys.stderr)
             return 2

@@ -16,8 +16,9 @@ import os
 import socket
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 TERMINAL = ("run.completed", "run.failed", "run.cancelled")
 
@@ -37,7 +38,7 @@ def seq_birth() -> int:
 class Event:
     """One thread event, encoded once, as every listener receives it; `seq` first."""
 
-    __slots__ = ("seq", "type", "run_id", "delta", "text")
+    __slots__ = ("delta", "run_id", "seq", "text", "type")
 
     def __init__(self, seq: int, type: str, run_id: str | None, delta: str | None, text: str):
         self.seq, self.type, self.run_id, self.delta, self.text = seq, type, run_id, delta, text
@@ -102,10 +103,10 @@ def new_process_id() -> str:
 
 
 class ActiveRun:
-    __slots__ = ("run_id", "assistant", "parts")
+    __slots__ = ("assistant", "parts", "run_id")
 
     def __init__(self, run_id: str, assistant: dict):
-        self.run_id, self.assistant, self.parts = run_id, assistant, []
+        self.run_id, self.assistant, self.parts = run_id, assistant, list[str]()
 
     def as_json(self) -> dict:
         return {"run_id": self.run_id, "assistant": self.assistant, "text": "".join(self.parts)}
@@ -125,7 +126,7 @@ def follow_active_run(active: ActiveRun | None, event: dict) -> ActiveRun | None
 
 
 class ThreadLog:
-    __slots__ = ("seq", "events", "active", "last_event_at")
+    __slots__ = ("active", "events", "last_event_at", "seq")
 
     def __init__(self):
         self.seq = seq_birth()

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette import status
 from starlette.websockets import WebSocketDisconnect
@@ -44,7 +44,7 @@ class Closed(Exception):
 class Frame:
     """A frame waiting in one listener's backlog; a `text.delta` one may still take in later deltas."""
 
-    __slots__ = ("event", "deltas", "seq", "size")
+    __slots__ = ("deltas", "event", "seq", "size")
 
     def __init__(self, event: Event):
         self.event = event
@@ -117,7 +117,8 @@ class Connection:
     def send_now(self, event: Event) -> bool:
         """Queue a frame whatever its seq: `resync`, or an `error` for this listener alone."""
         last = self.backlog[-1] if self.backlog else None
-        if event.type == "text.delta" and last is not None and last.type == "text.delta" and last.run_id == event.run_id:
+        if (event.type == "text.delta" and last is not None and last.type == "text.delta"
+                and last.run_id == event.run_id):
             self.backlog_chars += last.merge(event)  # the writer takes a frame out before sending it
         else:
             frame = Frame(event)
@@ -130,27 +131,27 @@ class Connection:
         """A frame for this listener alone (an `error` reply to its own bad frame)."""
         self.send_now(Event(self.floor or 0, event["type"], None, None, encode(event)))
 
-    async def get(self, timeout: float | None = None) -> Frame | None:
-        """The next frame; None if none came within `timeout`; raises Closed once the listener is closed."""
+    async def get(self, within: float | None = None) -> Frame | None:
+        """The next frame; None if none came `within` so many seconds; raises Closed once the listener is closed."""
         while not self.backlog:
             if self.close_code is not None:
                 raise Closed(self.close_code)
             self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                await asyncio.wait_for(self._wakeup.wait(), within)
             except TimeoutError:
                 return None
         frame = self.backlog.popleft()
         self.backlog_chars -= frame.size
         return frame
 
-    def start_writer(self, send: Callable[[str], Awaitable[None]]) -> None:
+    def start_writer(self, send: Callable[[str], Awaitable[None]]) -> asyncio.Task:
         self.writer = asyncio.create_task(self._write(send))
+        return self.writer
 
     async def _write(self, send: Callable[[str], Awaitable[None]]) -> None:
         with contextlib.suppress(Closed, *CLIENT_GONE):
-            while True:
-                frame = await self.get()
+            while frame := await self.get():
                 await send(frame.text(self.thread_id))
 
     def close(self, code: int) -> None:

@@ -14,9 +14,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import openai
@@ -32,17 +33,36 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from api import (CancelFrame, Frame, ListQuery, MessageFrame, NewAssistant, NewMessage, NewThread, RunRequest,
-                 ThreadChange, describe)
-from assistants import (Engine, ServiceStopping, ThreadEvents, UpstreamError, UpstreamRateLimited,
-                        UpstreamTimeout)
+import openapi
+from api import (
+    CancelFrame,
+    Frame,
+    ListQuery,
+    MessageFrame,
+    NewAssistant,
+    NewMessage,
+    NewThread,
+    RunRequest,
+    ThreadChange,
+    describe,
+)
+from assistants import Engine, ServiceStopping, ThreadEvents, UpstreamError, UpstreamRateLimited, UpstreamTimeout
 from auth import JWT_SECRET_SETTING, JWTAuthMiddleware, JWTSettings, User, demo_tokens_banner, generate_secret
 from broker import TERMINAL, BrokerUnavailable, ResumeWindow, broker_for
 from hub import Closed, Connection, Hub, TooManySockets
-import openapi
 from offline_model import OfflineModel, serve_on_loopback
-from store import (DEFAULT_DATABASE_URL, BadPage, Conflict, Limits, LimitReached, NotFound, Page, Store, Submission,
-                   database_for)
+from store import (
+    DEFAULT_DATABASE_URL,
+    BadPage,
+    Conflict,
+    LimitReached,
+    Limits,
+    NotFound,
+    Page,
+    Store,
+    Submission,
+    database_for,
+)
 
 log = logging.getLogger("gainz")
 VERSION = "2.0.0"
@@ -326,7 +346,7 @@ async def until_runs_end(connection: Connection, submission: Submission, store: 
     waiting = {run.id for run in submission.runs}
     while waiting:
         try:
-            frame = await connection.get(timeout=RUN_CHECK_SECONDS)
+            frame = await connection.get(within=RUN_CHECK_SECONDS)
         except Closed as closed:  # the service is stopping (its runs wait in the store), or the thread was deleted
             raise (ServiceStopping() if closed.code == status.WS_1001_GOING_AWAY else NotFound("thread not found")) \
                 from None
@@ -361,7 +381,7 @@ async def frames_until_expiry(connection: Connection, user: User):
     """The listener's frames, with keep-alive comments, until it is closed or the token expires."""
     while (left := user.expires_at - time.time()) > 0:
         try:
-            frame = await connection.get(timeout=min(SSE_KEEPALIVE_SECONDS, left))
+            frame = await connection.get(within=min(SSE_KEEPALIVE_SECONDS, left))
         except Closed:
             return
         yield frame
@@ -448,11 +468,11 @@ async def serve_socket(websocket: WebSocket, connection: Connection, user: User,
     """Accept, then write the thread's frames and read the client's until either side ends; returns the
     close code to send (None when the client left)."""
     await websocket.accept(subprotocol=websocket.scope.get("auth_subprotocol"))
-    connection.start_writer(websocket.send_text)
+    writer = connection.start_writer(websocket.send_text)
     reader = asyncio.create_task(read_frames(websocket, connection, connection.thread_id, user.sub, app))
     try:
         async with asyncio.timeout(max(0.0, user.expires_at - time.time())):
-            await asyncio.wait([reader, connection.writer], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)
     except TimeoutError:
         connection.close(WS_TOKEN_EXPIRED)
     finally:
@@ -501,7 +521,7 @@ async def read_frames(websocket: WebSocket, connection: Connection, thread_id: s
 
 # ---------------------------------------------------------------- errors
 
-def error_response(status_code: int, detail: str, headers: dict | None = None) -> JSONResponse:
+def error_response(status_code: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code, headers=headers)
 
 
@@ -575,7 +595,9 @@ def stop_gracefully_on_signals(stop):
 
     async def stop_then_let_uvicorn_know(sig, frame):
         await stop()
-        previous[sig](sig, frame)
+        handler = previous[sig]
+        if callable(handler):
+            handler(sig, frame)
 
     def on_signal(sig, frame):
         task = loop.create_task(stop_then_let_uvicorn_know(sig, frame))
@@ -692,6 +714,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
                                         allow_methods=["GET", "POST", "PATCH", "DELETE"],
                                         allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
                                         expose_headers=["Retry-After"], max_age=600))
+    handlers: dict[Any, Any] = {Exception: handle_error, ClientDisconnect: client_left}
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
@@ -714,7 +737,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
             WebSocketRoute("/threads/{thread_id}/ws", thread_socket),
         ],
         middleware=middleware,
-        exception_handlers={Exception: handle_error, ClientDisconnect: client_left} | {kind: handle_error for kind in (
+        exception_handlers=handlers | {kind: handle_error for kind in (
             HTTPException, BadPage, NotFound, Conflict, LimitReached, TooManySockets, ServiceStopping,
             BrokerUnavailable, UpstreamError)},
         lifespan=lifespan,
@@ -763,9 +786,9 @@ class RedactSecrets(logging.Filter):
 def configure_logging() -> None:
     logging.getLogger("uvicorn.error").addFilter(ClientMisbehaviourInOneLine())
     if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-        log.addHandler(handler)
+        own = logging.StreamHandler()
+        own.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(own)
         log.setLevel(logging.INFO)
         log.propagate = False
     redaction = RedactSecrets()

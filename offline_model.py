@@ -19,12 +19,12 @@ import time
 from collections import deque
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 from starlette import status
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 FAULTS = (
     "server_error",  # 500 before streaming
@@ -148,7 +148,7 @@ class OfflineModel:
 
     @staticmethod
     def _message(item_id: str, text: str | None, part_type: str, item_status: str, phase: str | None = None) -> dict:
-        item = {"id": item_id, "type": "message", "status": item_status, "role": "assistant", "content": []}
+        item: dict = {"id": item_id, "type": "message", "status": item_status, "role": "assistant", "content": []}
         if phase is not None:
             item["phase"] = phase
         if text is not None:
@@ -172,7 +172,7 @@ class OfflineModel:
         try:
             yield frame("response.created", response=response)
             yield frame("response.in_progress", response=response)
-            output = []
+            output: list[dict] = []
             if fault == "commentary":
                 async for text in self._stream_message(frame, output, "Let me think about that. ", "commentary"):
                     yield text
@@ -204,7 +204,7 @@ class OfflineModel:
             if self.token_delay:
                 await asyncio.sleep(self.token_delay)
             self.deltas_sent += 1
-            extra = {} if part_type == "refusal" else {"logprobs": []}
+            extra: dict = {} if part_type == "refusal" else {"logprobs": []}
             yield frame(delta_type, **where, delta=token, **extra)
         if part_type == "refusal":
             yield frame("response.refusal.done", **where, refusal=text)

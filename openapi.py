@@ -6,13 +6,30 @@ routes have no place in OpenAPI: the document's description points to the README
 """
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.routing import Route, WebSocketRoute
 
-from api import (Assistant, AssistantList, Cancelling, Error, Health, ListQuery, Message, MessageList, NewAssistant,
-                 NewMessage, NewThread, RunRequest, Runs, Thread, ThreadChange, ThreadList, Turn)
+from api import (
+    Assistant,
+    AssistantList,
+    Cancelling,
+    Error,
+    Health,
+    ListQuery,
+    MessageList,
+    NewAssistant,
+    NewMessage,
+    NewThread,
+    RunRequest,
+    Runs,
+    Thread,
+    ThreadChange,
+    ThreadList,
+    Turn,
+)
 
 ERRORS = {
     400: "malformed JSON or an invalid field (the detail names it)",
@@ -96,14 +113,16 @@ thread: see the README for its frames, close codes and how to resume with `?afte
 def document(routes: list, version: str) -> dict:
     """The document for `routes` (the app's route table)."""
     http_routes = [route for route in routes if isinstance(route, Route)]
-    documented = {(method, route.path) for route in http_routes for method in route.methods - {"HEAD"}}
+    documented = {(method, route.path) for route in http_routes for method in (route.methods or set()) - {"HEAD"}}
     if missing := documented ^ set(OPERATIONS):
         raise RuntimeError(f"routes and their documentation differ: {sorted(missing)}")
     models = {model for operation in OPERATIONS.values()
               for model in [operation.body, *operation.answers.values()] if model is not None} | {Error}
     # Bodies are read as the request parses them; answers as the service writes them.
-    keyed = [(model, "validation" if model in {o.body for o in OPERATIONS.values()} else "serialization")
-             for model in sorted(models, key=lambda model: model.__name__)]
+    bodies = {operation.body for operation in OPERATIONS.values()}
+    keyed: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        (model, "validation" if model in bodies else "serialization")
+        for model in sorted(models, key=lambda model: model.__name__)]
     refs, definitions = models_json_schema(keyed, ref_template="#/components/schemas/{model}")
     paths: dict = {}
     for (method, path), operation in OPERATIONS.items():

@@ -2,8 +2,8 @@
 
 Per thread, Redis holds a counter (the thread's `seq`), a Stream of its recent events (the log clients
 resume from, capped at RESUME_EVENTS entries, each entry's id its `seq`) and the run in progress; these
-expire RESUME_SECONDS after the thread's last event, the counter a day after. A Lua script does all of it per event, then
-PUBLISHes the event on the thread's channel, so `seq` order is publication order. A Stream rather
+expire RESUME_SECONDS after the thread's last event, the counter a day after. A Lua script does all of
+it per event, then PUBLISHes the event on the thread's channel, so `seq` order is publication order. A Stream rather
 than a list or a sorted set: it reads a range by id (`XRANGE (after +`) and trims itself on append.
 
 Every process watching a thread subscribes to its channel and hands the hub its events in `seq`
@@ -20,7 +20,7 @@ import heapq
 import json
 import logging
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -108,7 +108,7 @@ return 1
 class Follow:
     """This process's reading of one thread: the last seq handed on, and what came ahead of its turn."""
 
-    __slots__ = ("expected", "held", "seqs_held", "gap_check")
+    __slots__ = ("expected", "gap_check", "held", "seqs_held")
 
     def __init__(self):
         self.expected: int | None = None  # None until the first listener's catch-up says where we are
@@ -136,6 +136,7 @@ class RedisBroker:
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once Redis says it is subscribed
         self._background: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
         self._wakeup = asyncio.Event()
+        self._all_published = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._deliver: Callable[[str, list[Event]], None] = lambda thread_id, events: None
         self._on_signal: Callable[[dict], None] = lambda message: None
@@ -157,10 +158,9 @@ class RedisBroker:
         self._tasks = [asyncio.create_task(task) for task in (self._publisher(), self._reader(), self._renewer())]
 
     async def close(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2):  # what is still waiting to be published, while Redis answers
-                while self.pending and self.healthy:
-                    await asyncio.sleep(0.01)
+        if self.pending and self.healthy:  # what is still waiting to be published, while Redis answers
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_published.wait(), 2)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -192,17 +192,19 @@ class RedisBroker:
         delay = 0.05
         while True:
             if not self.pending:
+                self._all_published.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                self._all_published.clear()
             for thread_id in list(self.lost_threads):
                 self.pending.appendleft((thread_id, {"type": "resync", "thread_id": thread_id},
                                          encode({"type": "resync", "thread_id": thread_id})[1:]))
                 self.lost_threads.discard(thread_id)
             batch = [self.pending[index] for index in range(min(BATCH, len(self.pending)))]
-            args = [self.prefix, int(self.window.seconds * 1000), self.window.events_per_thread]
+            args: list[str | int] = [self.prefix, int(self.window.seconds * 1000), self.window.events_per_thread]
             for thread_id, event, tail in batch:
                 kind = event["type"]
-                extra = (event.get("delta") if kind == "text.delta"
+                extra = (event["delta"] if kind == "text.delta"
                          else encode(event["assistant"]) if kind == "run.started" else "")
                 args += [thread_id, kind, event.get("run_id") or "", extra, tail]
             try:
@@ -216,7 +218,7 @@ class RedisBroker:
             for _ in batch:
                 self.pending.popleft()
             by_thread: dict[str, list[Event]] = {}
-            for (thread_id, event, tail), seq in zip(batch, seqs):
+            for (thread_id, event, tail), seq in zip(batch, seqs, strict=True):
                 by_thread.setdefault(thread_id, []).append(Event.create(int(seq), event, tail))
             for thread_id, events in by_thread.items():
                 self._receive(thread_id, events)
@@ -224,9 +226,12 @@ class RedisBroker:
     def signal(self, message: dict) -> None:
         self._on_signal(message)  # this process at once, the others through Redis
         text = json.dumps(message | {"origin": self.process_id})
-        task = asyncio.create_task(self.redis.publish(self.prefix + "signals", text))
+        task = asyncio.create_task(self._send_signal(text))
         self._background.add(task)
         task.add_done_callback(self._sent)
+
+    async def _send_signal(self, text: str) -> None:
+        await self.redis.publish(self.prefix + "signals", text)
 
     def _sent(self, task: asyncio.Task) -> None:
         self._background.discard(task)
@@ -314,7 +319,7 @@ class RedisBroker:
         except (RedisError, OSError) as error:
             self._unhealthy("reading the event log", error)
             entries = []
-        missed = [Event.from_text(fields["e"]) for _, fields in entries]
+        missed = [Event.from_text(str(fields["e"])) for _, fields in entries or () if fields]
         if [event.seq for event in missed] != list(range(follow.expected + 1, first_held)):
             self._resync(thread_id, first_held - 1)
             follow.expected = first_held - 1
@@ -421,5 +426,6 @@ class RedisBroker:
                     await self._renew(args=args)
 
     async def claim_once(self, name: str, seconds: float) -> bool:
-        return bool(await self.redis.set(f"{self.prefix}once:{name}", self.process_id, nx=True, ex=max(1, int(seconds))))
+        claimed = await self.redis.set(f"{self.prefix}once:{name}", self.process_id, nx=True, ex=max(1, int(seconds)))
+        return bool(claimed)
 

@@ -146,7 +146,7 @@ def main(argv: list[str]) -> None:
 
     # The module, not `uvicorn.main`: the package replaces that name with the click command.
     cli = importlib.import_module("uvicorn.main")
-    cli.Multiprocess = Workers
+    cli.Multiprocess = Workers  # type: ignore[attr-defined]  # the name its run() looks up
     cli.main.main(args=["main:app", *UVICORN_DEFAULTS, *argv], prog_name="python serve.py")
 
 

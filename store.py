@@ -19,9 +19,10 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 import psycopg
@@ -102,10 +103,25 @@ class LeaseLost(Exception):
 
 # ---------------------------------------------------------------- the two engines
 
-class Cursor(Protocol):
-    async def one(self, sql: str, *params) -> dict | None: ...
-    async def all(self, sql: str, *params) -> list[dict]: ...
-    async def run(self, sql: str, *params) -> int: ...
+class Cursor:
+    """Statements in one transaction (or, reading, one at a time): what both engines' cursors do."""
+
+    async def one(self, sql: str, *params) -> dict | None:
+        raise NotImplementedError
+
+    async def all(self, sql: str, *params) -> list[dict]:
+        raise NotImplementedError
+
+    async def run(self, sql: str, *params) -> int:
+        """The number of rows it changed."""
+        raise NotImplementedError
+
+    async def row(self, sql: str, *params) -> dict:
+        """The row a statement always returns (a count, an INSERT ... RETURNING, a row just written)."""
+        found = await self.one(sql, *params)
+        if found is None:
+            raise RuntimeError(f"no row where one was certain: {sql}")
+        return found
 
 
 class Database(Protocol):
@@ -119,10 +135,10 @@ class Database(Protocol):
 
 
 def dict_factory(cursor: sqlite3.Cursor, row: tuple) -> dict:
-    return {column[0]: value for column, value in zip(cursor.description, row)}
+    return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
 
 
-class SQLiteCursor:
+class SQLiteCursor(Cursor):
     def __init__(self, database: "SQLite"):
         self._call = database.call
         self._connection = database.connection
@@ -210,7 +226,7 @@ def psycopg_sql(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
-class PostgresCursor:
+class PostgresCursor(Cursor):
     def __init__(self, connection: psycopg.AsyncConnection):
         self._connection = connection
 
@@ -256,7 +272,7 @@ class Postgres:
         """Whether this is the only process on the database: a session advisory lock, held until exit."""
         connection = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
         row = await (await connection.execute("SELECT pg_try_advisory_lock(%s)", (self.PROCESS_LOCK_KEY,))).fetchone()
-        if not row[0]:
+        if not (row and row[0]):
             await connection.close()
             return False
         self._lock_connection = connection
@@ -276,16 +292,21 @@ def database_for(url: str) -> Database:
     raise ValueError(f"DATABASE_URL must start with sqlite:/// or postgresql://, got {scheme or url!r}")
 
 
-async def stored_setting(url: str, name: str) -> str | None:
-    """A setting from the database at `url`, or None; never creates the database or its schema."""
+def stored_setting(url: str, name: str) -> str | None:
+    """A setting from the database at `url`, or None; never creates the database or its schema. For
+    commands (it runs an event loop of its own)."""
     database = database_for(url)
     if isinstance(database, SQLite) and not os.path.exists(database.path):
         return None
+    return asyncio.run(_read_setting(database, name))
+
+
+async def _read_setting(database: "Database", name: str) -> str | None:
     await database.open()
     try:
         async with database.transaction() as tx:
             row = await tx.one("SELECT value FROM settings WHERE name = ?", name)
-        return row and row["value"]
+        return row["value"] if row else None
     except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):  # no schema yet
         return None
     finally:
@@ -458,7 +479,7 @@ class Store:
         async with self.db.transaction() as tx:
             made = await tx.run("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
                                 name, make_value())
-            row = await tx.one("SELECT value FROM settings WHERE name = ?", name)
+            row = await tx.row("SELECT value FROM settings WHERE name = ?", name)
         return row["value"], bool(made)
 
     async def _page(self, tx: Cursor, source: str, where: str, params: tuple, keys: tuple[str, ...],
@@ -500,7 +521,7 @@ class Store:
             if update:
                 await tx.run("UPDATE assistants SET model = ?, instructions = ? WHERE owner = ? AND name = ?",
                              model, instructions, SHARED, name)
-            row = await tx.one("SELECT * FROM assistants WHERE owner = ? AND name = ?", SHARED, name)
+            row = await tx.row("SELECT * FROM assistants WHERE owner = ? AND name = ?", SHARED, name)
         return Assistant.from_row(row)
 
     async def create_or_load_assistant(self, owner: str, name: str, model: str,
@@ -511,15 +532,15 @@ class Store:
             if row is not None:
                 return Assistant.from_row(row), False
             await self._lock_user(tx, owner)
-            count = await tx.one("SELECT COUNT(*) AS n FROM assistants WHERE owner = ?", owner)
+            count = await tx.row("SELECT COUNT(*) AS n FROM assistants WHERE owner = ?", owner)
             if count["n"] >= self.limits.assistants_per_user:
                 raise LimitReached(f"at most {self.limits.assistants_per_user} assistants per user; delete one first")
             row = await tx.one("INSERT INTO assistants (id, owner, name, model, instructions, created_at) "
                                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO NOTHING RETURNING *",
                                new_id("asst"), owner, name, model, instructions, int(time.time()))
             created = row is not None
-            if not created:  # another request created it first
-                row = await tx.one("SELECT * FROM assistants WHERE owner = ? AND name = ?", owner, name)
+            if row is None:  # another request created it first
+                row = await tx.row("SELECT * FROM assistants WHERE owner = ? AND name = ?", owner, name)
         return Assistant.from_row(row), created
 
     async def find_assistant(self, sub: str, ref: str) -> Assistant:
@@ -557,10 +578,10 @@ class Store:
         thread_id = new_id("thread")
         async with self.db.transaction() as tx:
             await self._lock_user(tx, owner)
-            count = await tx.one("SELECT COUNT(*) AS n FROM threads WHERE owner = ?", owner)
+            count = await tx.row("SELECT COUNT(*) AS n FROM threads WHERE owner = ?", owner)
             if count["n"] >= self.limits.threads_per_user:
                 raise LimitReached(f"at most {self.limits.threads_per_user} threads per user; delete one first")
-            row = await tx.one("INSERT INTO threads (id, owner, title, members, created_at, updated_at) "
+            row = await tx.row("INSERT INTO threads (id, owner, title, members, created_at, updated_at) "
                                "VALUES (?, ?, ?, ?, ?, ?) RETURNING *",
                                thread_id, owner, title, json.dumps(members), int(now), now)
             for sub in (owner, *members):
@@ -604,7 +625,7 @@ class Store:
                     await tx.run("INSERT INTO thread_access (thread_id, sub) VALUES (?, ?)", thread_id, sub)
             if title is not None:
                 await tx.run("UPDATE threads SET title = ? WHERE id = ?", title, thread_id)
-            row = await tx.one("SELECT * FROM threads WHERE id = ?", thread_id)
+            row = await tx.row("SELECT * FROM threads WHERE id = ?", thread_id)
         return Thread.from_row(row), removed
 
     async def delete_thread(self, thread_id: str, owner: str) -> None:
@@ -646,23 +667,23 @@ class Store:
                 raise NotFound("thread not found")
             if assistants:
                 await self._lock_user(tx, sub)
-                waiting = await tx.one("SELECT COUNT(*) AS n FROM runs WHERE thread_id = ? AND status = 'queued'",
+                waiting = await tx.row("SELECT COUNT(*) AS n FROM runs WHERE thread_id = ? AND status = 'queued'",
                                        thread_id)
                 if waiting["n"] + len(assistants) > self.limits.waiting_runs_per_thread:
                     raise LimitReached("too many runs are waiting on this thread", retry_after=1)
-                active = await tx.one("SELECT COUNT(*) AS n FROM runs WHERE requested_by = ? "
+                active = await tx.row("SELECT COUNT(*) AS n FROM runs WHERE requested_by = ? "
                                       "AND status IN ('queued', 'active')", sub)
                 if active["n"] + len(assistants) > self.limits.runs_per_user:
                     raise LimitReached(f"at most {self.limits.runs_per_user} runs per user may wait or run at once",
                                        retry_after=2)
             if content is not None:
-                row = await tx.one("INSERT INTO messages (id, thread_id, role, content, author, cancelled, created_at) "
+                row = await tx.row("INSERT INTO messages (id, thread_id, role, content, author, cancelled, created_at) "
                                    "VALUES (?, ?, 'user', ?, ?, FALSE, ?) RETURNING *",
                                    new_id("msg"), thread_id, content, sub, int(now))
                 message = message_json(row)
             runs = []
             for assistant in assistants:
-                row = await tx.one(
+                row = await tx.row(
                     "INSERT INTO runs (id, thread_id, message_id, requested_by, assistant_id, assistant_name, status, "
                     "attempts, created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?) RETURNING *",
                     new_id("run"), thread_id, message and message["id"], sub, assistant.id, assistant.name, int(now))
@@ -726,8 +747,8 @@ class Store:
                                 time.time(), row["id"], thread_id, runner):
                 raise LeaseLost(thread_id)
             assistant = await tx.one("SELECT * FROM assistants WHERE id = ?", row["assistant_id"])
-            row = await tx.one("SELECT * FROM runs WHERE id = ?", row["id"])
-        return Run.from_row(row), assistant and Assistant.from_row(assistant)
+            row = await tx.row("SELECT * FROM runs WHERE id = ?", row["id"])
+        return Run.from_row(row), Assistant.from_row(assistant) if assistant else None
 
     async def finish_run(self, run: Run, runner: str, status: str, reply: str | None = None,
                          error: dict | None = None, usage: dict | None = None) -> dict | None:
@@ -742,14 +763,14 @@ class Store:
                                 "WHERE id = ? AND runner = ?", reply is not None, now, run.thread_id, runner):
                 raise LeaseLost(run.thread_id)
             if reply is not None:
-                row = await tx.one("INSERT INTO messages (id, thread_id, role, content, assistant_id, assistant_name, "
+                row = await tx.row("INSERT INTO messages (id, thread_id, role, content, assistant_id, assistant_name, "
                                    "run_id, cancelled, created_at) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?) "
                                    "RETURNING *", new_id("msg"), run.thread_id, reply, run.assistant["id"],
                                    run.assistant["name"], run.id, status == "cancelled", int(now))
                 message = message_json(row)
             usage = usage or {}
-            await tx.run("UPDATE runs SET status = ?, reply_id = ?, error_code = ?, error_message = ?, retry_after = ?, "
-                         "input_tokens = ?, output_tokens = ?, ended_at = ? WHERE id = ?",
+            await tx.run("UPDATE runs SET status = ?, reply_id = ?, error_code = ?, error_message = ?, "
+                         "retry_after = ?, input_tokens = ?, output_tokens = ?, ended_at = ? WHERE id = ?",
                          status, message and message["id"], error and error["code"], error and error["message"],
                          error and error.get("retry_after"), usage.get("input_tokens"), usage.get("output_tokens"),
                          now, run.id)
@@ -769,7 +790,7 @@ class Store:
                              by, time.time(), run_id)
             elif row["cancelled_by"] is None:
                 await tx.run("UPDATE runs SET cancelled_by = ? WHERE id = ?", by, run_id)
-            row = await tx.one("SELECT * FROM runs WHERE id = ?", run_id)
+            row = await tx.row("SELECT * FROM runs WHERE id = ?", run_id)
         return Run.from_row(row)
 
     async def threads_waiting_for_a_runner(self, limit: int = 100) -> list[str]:

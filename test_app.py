@@ -24,8 +24,16 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from api import MAX_ASSISTANTS_PER_RUN, MAX_CONTENT_CHARS, MAX_MEMBERS, MAX_NAME_CHARS
 from assistants import ATTRIBUTION_NOTE
 from auth import JWTSettings
-from conftest import (config_for, TEST_SECRET, assert_seq_grows_by_one, check_run, eventually, frames_until, next_frame,
-                      serve_live)
+from conftest import (
+    TEST_SECRET,
+    assert_seq_grows_by_one,
+    check_run,
+    config_for,
+    eventually,
+    frames_until,
+    next_frame,
+    serve_live,
+)
 from main import DEFAULT_INSTRUCTIONS, MAX_BODY_BYTES, create_app
 
 SETTINGS = JWTSettings(secret=TEST_SECRET)  # the secret of conftest's `auth` fixture
@@ -383,7 +391,8 @@ def test_a_user_may_own_only_so_many_assistants(make_app, auth):
 def test_bad_assistant_bodies_get_400_naming_the_field(client, auth, body, words, field):
     before = listing(client, auth, "/assistants", "shaper")
     content = body if isinstance(body, str) else json.dumps(body)
-    response = client.post("/assistants", content=content, headers=auth("shaper") | {"Content-Type": "application/json"})
+    headers = auth("shaper") | {"Content-Type": "application/json"}
+    response = client.post("/assistants", content=content, headers=headers)
     assert_error(response, 400, *words, field=field)
     assert listing(client, auth, "/assistants", "shaper") == before
 
@@ -819,7 +828,8 @@ def test_an_upstream_that_never_answers_is_a_504_and_the_next_run_works(make_app
 
 def test_cors_lets_the_allowed_origin_in_without_a_token_for_preflight_only(make_app, auth):
     allowed = "http://example.test"
-    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
     with TestClient(make_app(cors_origins=(allowed,))) as browser:
         response = browser.options("/threads", headers={"Origin": allowed, **preflight})
         assert response.status_code == 200
@@ -964,7 +974,7 @@ async def test_a_run_goes_on_and_is_stored_when_the_client_that_posted_leaves(li
             return await live_post(live, auth, thread_id, content="bye")
         async with live.http.stream("POST", f"/threads/{thread_id}/messages", json={"content": "bye"},
                                     headers=SSE | auth("alice")) as response:
-            async for line in response.aiter_lines():
+            async for _ in response.aiter_lines():
                 streaming.set()  # the stream is under way (its message.created)
 
     leaver = asyncio.create_task(post_and_wait())

@@ -17,8 +17,17 @@ from dataclasses import dataclass, field
 import openai
 import pytest
 
-from assistants import (ATTRIBUTION_NOTE, Engine, RunEventHandler, ServiceStopping, UpstreamError,
-                        UpstreamRateLimited, UpstreamTimeout, clean_text, stored_failure)
+from assistants import (
+    ATTRIBUTION_NOTE,
+    Engine,
+    RunEventHandler,
+    ServiceStopping,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    clean_text,
+    stored_failure,
+)
 from conftest import eventually
 from offline_model import FAULTS, OfflineModel, item_text, serve_on_loopback, tokens
 from store import Page, Store, database_for
@@ -400,7 +409,7 @@ async def test_commentary_is_not_part_of_the_reply_and_usage_is_reported_and_sto
     assert "".join(s.events.deltas(run_id)) == reply
     assert "Let me think" not in reply
     usage = completed.payload["usage"]
-    assert usage == {"input_tokens": len("[alice] think first".split()), "output_tokens": len(reply.split())}
+    assert usage == {"input_tokens": len(["[alice]", "think", "first"]), "output_tokens": len(reply.split())}
     assert (await stored_run(s.store, run_id)).usage == usage
 
 
@@ -454,7 +463,7 @@ async def test_two_engines_on_one_database_never_run_one_thread_at_once(db_rig):
     # Each engine first takes a thread of its own, so both are sure to run some, then both take turns.
     for engine, thread_id in zip(engines, threads):
         run_id = await submit(engine, thread_id, "first")
-        await events.until(lambda: events.of("run_started", run_id))
+        await events.until(lambda run_id=run_id: events.of("run_started", run_id))
     for n in range(18):
         await submit(engines[n % 2], threads[n % 3], f"message {n}")
     every_run = [run_id for runs in order.values() for run_id in runs]

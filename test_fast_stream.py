@@ -30,7 +30,8 @@ def seen(event) -> tuple:
 def without_ids(value):
     """Over real HTTP the two readings are two requests, and the model gives each response new ids and times."""
     if isinstance(value, dict):
-        return {key: "-" if key in ("id", "item_id", "created_at") else without_ids(item) for key, item in value.items()}
+        return {key: "-" if key in ("id", "item_id", "created_at") else without_ids(item)
+                for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         if value and value[0] == "delta":
             return value[:2] + value[3:]
@@ -215,7 +216,7 @@ async def test_deltas_skip_pydantic_and_other_events_are_the_sdks_own_types():
 async def test_an_event_newer_than_the_sdk_is_skipped_where_strict_parsing_would_fail():
     newer = text_reply()
     newer.insert(3, {"type": "response.something_new", "sequence_number": 99, "detail": "from the future"})
-    (sdk_events, sdk_error), (fast_events, fast_error) = await both_ways([sse(newer)])
+    (_, sdk_error), (fast_events, fast_error) = await both_ways([sse(newer)])
     assert sdk_error[0] is openai.APIResponseValidationError
     assert fast_error is None
     assert fast_events == (await through_fast_path(served([sse(text_reply())])))[0]

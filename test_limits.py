@@ -14,7 +14,7 @@ import time
 import httpx2
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from auth import JWTSettings
 from conftest import TEST_SECRET, ServerProcess, frames_until, next_frame
@@ -268,7 +268,7 @@ async def test_no_token_reaches_the_log(servers, thread_of_alice):
 async def test_a_client_leaving_mid_body_or_sending_bad_utf8_costs_one_log_line(servers, thread_of_alice):
     server = await servers()
     thread_id = await thread_of_alice(server)
-    reader, writer = await raw_connection(server)
+    _, writer = await raw_connection(server)
     token = SETTINGS.mint("alice")
     writer.write(f"POST /threads/{thread_id}/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
                  f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"content\": ".encode())

@@ -35,8 +35,19 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import hub as hub_module
 import main
 from auth import JWTSettings
-from conftest import (FRAME_TIMEOUT, TEST_SECRET, assert_seq_grows_by_one, check_run, config_for,
-                      eventually, frames_until, next_frame, run_ends, serve_live, writer_tasks)
+from conftest import (
+    FRAME_TIMEOUT,
+    TEST_SECRET,
+    assert_seq_grows_by_one,
+    check_run,
+    config_for,
+    eventually,
+    frames_until,
+    next_frame,
+    run_ends,
+    serve_live,
+    writer_tasks,
+)
 from main import MAX_FRAME_CHARS, create_app
 
 pytestmark = pytest.mark.anyio

@@ -229,7 +229,8 @@ def test_a_reply_streams_token_by_token_into_both_windows_and_ends_as_the_stored
         assert final["run_id"] == reply["run_id"]
         assert final["who"] == "assistant"
         assert final["text"] == reply["content"]
-        partial = [state["text"] for state in states if state["writing"] and 0 < len(state["text"]) < len(final["text"])]
+        partial = [state["text"] for state in states
+                   if state["writing"] and 0 < len(state["text"]) < len(final["text"])]
         assert partial, f"no partial reply seen: {states}"  # it streamed, token by token
         assert all(final["text"].startswith(text) for text in partial)
     if os.environ.get("SAVE_SCREENSHOT") == "1":
@@ -328,7 +329,7 @@ def test_a_removed_member_and_a_deleted_thread_send_their_windows_back_to_the_li
 
 def test_an_expired_token_asks_to_sign_in_again(demo):
     # Signed with the secret the server generated and keeps in its database, as `python auth.py` does.
-    secret = asyncio.run(stored_setting(f"sqlite:///{demo.server.workdir}/gainz.db", JWT_SECRET_SETTING))
+    secret = stored_setting(f"sqlite:///{demo.server.workdir}/gainz.db", JWT_SECRET_SETTING)
     token = JWTSettings(secret=secret).mint("alice", hours=5 / 3600)
     driver = demo.alice2
     driver.find_element(By.ID, "sign-out").click()

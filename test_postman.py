@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from starlette.routing import Route
 
-
 from auth import JWTSettings
 from conftest import REPO, TEST_SECRET, config_for, require, tool
 from main import create_app

@@ -8,8 +8,19 @@ import time
 
 import pytest
 
-from store import (MIGRATIONS, BadPage, Conflict, LeaseLost, LimitReached, Limits, NotFound, Page, Store, database_for,
-                   stored_setting)
+from store import (
+    MIGRATIONS,
+    BadPage,
+    Conflict,
+    LeaseLost,
+    LimitReached,
+    Limits,
+    NotFound,
+    Page,
+    Store,
+    database_for,
+    stored_setting,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -64,9 +75,9 @@ async def test_a_setting_is_made_once_even_when_processes_race_for_it(open_store
     assert sum(made for _, made in results) == 1
 
 
-async def test_reading_a_setting_never_creates_the_database(tmp_path):
+def test_reading_a_setting_never_creates_the_database(tmp_path):
     url = f"sqlite:///{tmp_path}/absent.db"
-    assert await stored_setting(url, "jwt_secret") is None
+    assert stored_setting(url, "jwt_secret") is None
     assert not (tmp_path / "absent.db").exists()
 
 
@@ -189,7 +200,7 @@ async def test_threads_list_the_most_recently_updated_first_and_take_their_title
     threads = [await store.create_thread("alice", ["bob"] if n % 2 else [], None) for n in range(4)]
     await store.submit(threads[1].id, "alice", "  an   early  question that is long " + "x" * 100, [])
     listed = await store.list_threads("alice", Page())
-    assert [thread.id for thread in listed.data][0] == threads[1].id
+    assert listed.data[0].id == threads[1].id
     assert listed.data[0].title.startswith("an early question that is long")
     assert len(listed.data[0].title) <= 80
     assert [thread.id for thread in (await store.list_threads("bob", Page())).data] == [threads[1].id, threads[3].id]
