@@ -100,7 +100,8 @@ class OfflineModel:
         name = metadata.get("assistant_name") or "assistant"
         user_texts = [item_text(item) for item in seen if item.get("role") == "user"]
         heard = user_texts[-1] if user_texts else "nothing yet"
-        return f"[offline model] {name} heard: {heard} ({len(seen)} messages in its context)"
+        count = f"{len(seen)} message" if len(seen) == 1 else f"{len(seen)} messages"
+        return f"[offline model] {name} heard: {heard} ({count} in its context)"
 
     async def create_response(self, request: Request):
         try:

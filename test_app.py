@@ -605,7 +605,7 @@ def test_a_message_is_stored_and_answered_with_its_authors(client, auth):
     shared = client.get("/assistants/assistant", headers=auth("alice")).json()
     assert reply["assistant"] == {"id": shared["id"], "name": "assistant"}
     assert reply["run_id"].startswith("run_")
-    assert "heard: [alice] hello there (1 messages" in reply["content"]
+    assert "heard: [alice] hello there (1 message in its context)" in reply["content"]
     # Another member sees the same, with who wrote what.
     assert messages(client, auth, thread["id"], "bob") == [message, reply]
 

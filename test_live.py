@@ -283,7 +283,7 @@ async def test_run_frame_runs_without_a_message_and_assistants_run_in_order(live
     alpha_run, beta_run = split_after_first(frames[1:], "run.completed")
     assert [alpha_run[0]["assistant"]["name"], beta_run[0]["assistant"]["name"]] == ["alpha", "beta"]
     alpha_reply, beta_reply = check_run(alpha_run), check_run(beta_run)
-    assert "heard: [alice] roll call (1 messages in its context)" in alpha_reply
+    assert "heard: [alice] roll call (1 message in its context)" in alpha_reply
     assert "heard: [assistant alpha] " in beta_reply  # beta read alpha's reply as alpha's
 
     await ws.send(json.dumps({"type": "run"}))

@@ -107,7 +107,7 @@ async def test_a_run_cut_off_by_kill_9_runs_again_at_the_next_start_and_ends_exa
     replies = await until(lambda: replied(http, second, thread_id))
     assert [reply["run_id"] for reply in replies] == [run_id]
     assert replies[0]["content"] == ("[offline model] assistant heard: [alice] do not lose me "
-                                     "(1 messages in its context)")
+                                     "(1 message in its context)")
     await ws.close()
 
 
