@@ -427,13 +427,18 @@ class Engine:
         UpstreamError. Commentary (a message whose phase is not the final answer) is not the reply."""
         history = await self.history(run.thread_id, assistant)
         not_the_reply: set[str] = set()
+        completed, usage = False, None
         with upstream_errors():
             events = stream_events(
                 self.client, model=assistant.model,
-                instructions=f"{assistant.instructions}\n\n{ATTRIBUTION_NOTE}".lstrip(), input=history,
+                instructions=f"{assistant.instructions}\n\n{ATTRIBUTION_NOTE}".lstrip(),
                 # The service keeps the conversation itself and sends it every time: nothing needs to stay upstream.
                 store=False,
-                metadata={"run_id": run.id, "assistant_id": assistant.id, "assistant_name": assistant.name})
+                metadata={"run_id": run.id, "assistant_id": assistant.id, "assistant_name": assistant.name},
+                # `input` goes into the body as it is. The SDK would first walk each item against its typed
+                # definitions, to give back the same plain messages: 0.7 ms an item, measured, so 70 ms with the
+                # event loop held for a thread of 100 messages. test_fast_stream.py checks that it is the same.
+                extra_body={"input": history})
             async with contextlib.aclosing(events):
                 async for event in events:
                     if event.type in DELTA_TYPES:
@@ -446,8 +451,9 @@ class Engine:
                         if item.type == "message" and getattr(item, "phase", None) not in (None, "final_answer"):
                             not_the_reply.add(item.id)
                     elif event.type == "response.completed":
-                        usage = event.response.usage
-                        return usage and {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+                        # Not a return: the body ends right after, and read to its end the connection goes back
+                        # to the SDK's pool for the next run instead of being closed.
+                        completed, usage = True, event.response.usage
                     elif event.type in ("response.failed", "response.incomplete"):
                         error = event.response.error
                         log.warning("run %s failed upstream: %s", run.id, error.message if error else event.type)
@@ -456,7 +462,9 @@ class Engine:
                     elif event.type == "error":  # the spec's flat shape; the nested one raises APIError
                         log.warning("run %s: upstream error event %s: %s", run.id, event.code, event.message)
                         raise UpstreamError(event.code or "upstream_error", "the upstream failed")
-        raise UpstreamError("incomplete_stream", "the upstream's stream ended before the reply was complete")
+        if not completed:
+            raise UpstreamError("incomplete_stream", "the upstream's stream ended before the reply was complete")
+        return usage and {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
 
     # ------------------------------------------------------------ the life of the engine
 

@@ -139,18 +139,27 @@ def dict_factory(cursor: sqlite3.Cursor, row: tuple) -> dict:
 
 
 class SQLiteCursor(Cursor):
-    def __init__(self, database: "SQLite"):
+    """Each statement is one trip to the database's thread; a transaction's BEGIN goes with its first."""
+
+    def __init__(self, database: "SQLite", begin: str | None = None):
         self._call = database.call
         self._connection = database.connection
+        self._begin = begin
+
+    def _execute(self, sql: str, params: tuple) -> sqlite3.Cursor:
+        if self._begin is not None:
+            self._connection.execute(self._begin)
+            self._begin = None
+        return self._connection.execute(sql, params)
 
     async def one(self, sql, *params):
-        return await self._call(lambda: self._connection.execute(sql, params).fetchone())
+        return await self._call(lambda: self._execute(sql, params).fetchone())
 
     async def all(self, sql, *params):
-        return await self._call(lambda: self._connection.execute(sql, params).fetchall())
+        return await self._call(lambda: self._execute(sql, params).fetchall())
 
     async def run(self, sql, *params):
-        return await self._call(lambda: self._connection.execute(sql, params).rowcount)
+        return await self._call(lambda: self._execute(sql, params).rowcount)
 
 
 class SQLite:
@@ -191,18 +200,21 @@ class SQLite:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Cursor]:
         async with self._lock:
-            # IMMEDIATE takes the write lock now: a read that later writes cannot deadlock another process.
-            begin = asyncio.ensure_future(self.call(lambda: self.connection.execute("BEGIN IMMEDIATE")))
+            # IMMEDIATE takes the write lock at once: a read that later writes cannot deadlock another process.
             try:
-                await asyncio.shield(begin)  # cancelled or not, BEGIN runs to its end on the database's thread
-                yield SQLiteCursor(self)
+                yield SQLiteCursor(self, begin="BEGIN IMMEDIATE")
             except BaseException:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(begin)
-                if self.connection.in_transaction:
-                    await asyncio.shield(self.call(lambda: self.connection.execute("ROLLBACK")))
+                await asyncio.shield(self.call(self._end("ROLLBACK")))
                 raise
-            await asyncio.shield(self.call(lambda: self.connection.execute("COMMIT")))
+            await asyncio.shield(self.call(self._end("COMMIT")))
+
+    def _end(self, statement: str):
+        """COMMIT or ROLLBACK, queued behind whatever statement is still running on the database's thread (a
+        caller cancelled mid-statement does not stop it), and only if a transaction began."""
+        def end() -> None:
+            if self.connection.in_transaction:
+                self.connection.execute(statement)
+        return end
 
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[Cursor]:
@@ -531,10 +543,7 @@ class Store:
             row = await tx.one("SELECT * FROM assistants WHERE owner = ? AND name = ?", owner, name)
             if row is not None:
                 return Assistant.from_row(row), False
-            await self._lock_user(tx, owner)
-            count = await tx.row("SELECT COUNT(*) AS n FROM assistants WHERE owner = ?", owner)
-            if count["n"] >= self.limits.assistants_per_user:
-                raise LimitReached(f"at most {self.limits.assistants_per_user} assistants per user; delete one first")
+            await self._room_for_one_more(tx, owner, "assistants", self.limits.assistants_per_user)
             row = await tx.one("INSERT INTO assistants (id, owner, name, model, instructions, created_at) "
                                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO NOTHING RETURNING *",
                                new_id("asst"), owner, name, model, instructions, int(time.time()))
@@ -572,15 +581,19 @@ class Store:
         await tx.run("INSERT INTO users (sub, seen_at) VALUES (?, ?) "
                      "ON CONFLICT (sub) DO UPDATE SET seen_at = excluded.seen_at", sub, time.time())
 
+    async def _room_for_one_more(self, tx: Cursor, owner: str, table: str, limit: int) -> None:
+        """Whether `owner` may own one more row of `table` (assistants, threads), under the user's lock."""
+        await self._lock_user(tx, owner)
+        owned = await tx.row(f"SELECT COUNT(*) AS n FROM {table} WHERE owner = ?", owner)
+        if owned["n"] >= limit:
+            raise LimitReached(f"at most {limit} {table} per user; delete one first")
+
     async def create_thread(self, owner: str, members: list[str], title: str | None) -> Thread:
         members = [member for member in dict.fromkeys(members) if member != owner]
         now = time.time()
         thread_id = new_id("thread")
         async with self.db.transaction() as tx:
-            await self._lock_user(tx, owner)
-            count = await tx.row("SELECT COUNT(*) AS n FROM threads WHERE owner = ?", owner)
-            if count["n"] >= self.limits.threads_per_user:
-                raise LimitReached(f"at most {self.limits.threads_per_user} threads per user; delete one first")
+            await self._room_for_one_more(tx, owner, "threads", self.limits.threads_per_user)
             row = await tx.row("INSERT INTO threads (id, owner, title, members, created_at, updated_at) "
                                "VALUES (?, ?, ?, ?, ?, ?) RETURNING *",
                                thread_id, owner, title, json.dumps(members), int(now), now)
@@ -667,13 +680,13 @@ class Store:
                 raise NotFound("thread not found")
             if assistants:
                 await self._lock_user(tx, sub)
-                waiting = await tx.row("SELECT COUNT(*) AS n FROM runs WHERE thread_id = ? AND status = 'queued'",
-                                       thread_id)
-                if waiting["n"] + len(assistants) > self.limits.waiting_runs_per_thread:
+                counts = await tx.row(
+                    "SELECT (SELECT COUNT(*) FROM runs WHERE thread_id = ? AND status = 'queued') AS waiting, "
+                    "(SELECT COUNT(*) FROM runs WHERE requested_by = ? AND status IN ('queued', 'active')) AS mine",
+                    thread_id, sub)
+                if counts["waiting"] + len(assistants) > self.limits.waiting_runs_per_thread:
                     raise LimitReached("too many runs are waiting on this thread", retry_after=1)
-                active = await tx.row("SELECT COUNT(*) AS n FROM runs WHERE requested_by = ? "
-                                      "AND status IN ('queued', 'active')", sub)
-                if active["n"] + len(assistants) > self.limits.runs_per_user:
+                if counts["mine"] + len(assistants) > self.limits.runs_per_user:
                     raise LimitReached(f"at most {self.limits.runs_per_user} runs per user may wait or run at once",
                                        retry_after=2)
             if content is not None:
@@ -738,16 +751,16 @@ class Store:
         """The thread's oldest pending run, marked active (a run found active was cut off: it runs again),
         with its assistant as it is now (None if deleted meanwhile)."""
         async with self.db.transaction() as tx:
-            row = await tx.one("SELECT * FROM runs WHERE thread_id = ? AND status IN ('queued', 'active') "
-                               "ORDER BY n LIMIT 1", thread_id)
-            if row is None:
+            row = await tx.one(
+                "UPDATE runs SET status = 'active', attempts = attempts + 1, started_at = ? WHERE id = "
+                "(SELECT id FROM runs WHERE thread_id = ? AND status IN ('queued', 'active') ORDER BY n LIMIT 1) "
+                "AND EXISTS (SELECT 1 FROM threads WHERE id = ? AND runner = ?) RETURNING *",
+                time.time(), thread_id, thread_id, runner)
+            if row is None:  # none pending, or the thread is not this runner's any more
+                if not await tx.one("SELECT 1 AS mine FROM threads WHERE id = ? AND runner = ?", thread_id, runner):
+                    raise LeaseLost(thread_id)
                 return None
-            if not await tx.run("UPDATE runs SET status = 'active', attempts = attempts + 1, started_at = ? "
-                                "WHERE id = ? AND EXISTS (SELECT 1 FROM threads WHERE id = ? AND runner = ?)",
-                                time.time(), row["id"], thread_id, runner):
-                raise LeaseLost(thread_id)
             assistant = await tx.one("SELECT * FROM assistants WHERE id = ?", row["assistant_id"])
-            row = await tx.row("SELECT * FROM runs WHERE id = ?", row["id"])
         return Run.from_row(row), Assistant.from_row(assistant) if assistant else None
 
     async def finish_run(self, run: Run, runner: str, status: str, reply: str | None = None,

@@ -244,3 +244,18 @@ async def test_closing_the_fast_path_early_closes_the_upstream_response():
             break
     await events.aclose()
     await asyncio.wait_for(closed.wait(), 1)
+
+
+async def test_the_history_sent_as_it_is_is_what_the_sdks_own_transform_would_send(tmp_path):
+    """The engine passes `input` in the body as it is (the SDK's transform of it costs 0.7 ms an item): that is
+    exactly what the transform gives back for every kind of message a history holds."""
+    from openai._utils import async_maybe_transform
+    from openai.types.responses import response_create_params
+
+    history = [{"type": "message", "role": "user", "content": "[alice] hello \u2028 é 😀"},
+               {"type": "message", "role": "assistant", "content": "my own earlier reply"},
+               {"type": "message", "role": "user", "content": "[assistant poet] roses are red"},
+               {"type": "message", "role": "user", "content": ""}]
+    params = {"model": "m", "input": history, "stream": True}
+    transformed = await async_maybe_transform(params, response_create_params.ResponseCreateParamsStreaming)
+    assert transformed["input"] == history
