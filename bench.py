@@ -1,28 +1,26 @@
-"""Fan-out benchmark: the service against the raw limit of the same uvicorn, over real sockets.
+"""Benchmark: the service against the raw limit of the same uvicorn, over real sockets.
 
-    python bench.py [--quick] [--json PATH] [--no-deflate]
+    python bench.py [--quick] [--json PATH] [--plots DIR] [--no-deflate]
 
-Three processes on 127.0.0.1: the server under test (`uvicorn main:app`, or the bare ASGI app below
-that is the raw limit), the offline model the service streams from, and this one, which drives real
-WebSocket clients. The model runs in a process of its own (the service reaches it through
-OPENAI_BASE_URL, as it would reach OpenAI) so that its CPU is not charged to the service, and so that it
-can note the wall-clock time at which it emits each delta: latency is measured from the model emitting
-a delta to each socket receiving it, through the SDK, engine, hub and uvicorn (the processes share one
-clock). With two cores the server gets one to itself; the clients and the model share the other.
+Processes on 127.0.0.1: the server under test (`uvicorn main:app`, pinned to one CPU), the bare ASGI app
+below that is the raw limit (same CPU, same uvicorn), the model the service streams from, and this one,
+which drives real WebSocket clients; the model and the clients share the other CPU. The model is this
+file's own: the Responses wire format the offline model speaks, written straight to its sockets, so that
+hundreds of runs at once do not make the load generator the bottleneck. It stamps each delta with the
+time it leaves ("1795693855.123456 "), so a socket receiving it knows how late it is; the raw app stamps
+its frames the same way. Latency runs from the model emitting a delta, through the SDK, engine, broker,
+hub and uvicorn, to each socket receiving it (all processes share one clock).
 
-The model replies with the user's own words "w0 w1 ...", one delta per word. A frame is a `text.delta`
-frame; the hub may merge a socket's pending deltas, so deltas are counted by content (words) and
-throughput is delivered deltas per second, from the first emission to the last socket's last delta. At
-full speed the engine hands the hub every delta of one upstream read before any writer runs, so the
-service sends ~200 deltas a frame there, while the raw limit sends one frame per delta, each send awaited
-in turn (the least work per frame; it would stall on a slow socket, which the hub must not).
-
-The notes give CPU use as a share of one CPU: the server's, the clients' (this process) and that of
-processes outside the bench. On a shared machine, a figure taken while others were busy is noisy.
+A frame is a `text.delta` frame; the hub may merge a socket's pending deltas, so deltas are counted by
+content (words): throughput is delivered deltas per second, from the first emission to the last socket's
+last delta. The notes give CPU use as a share of one CPU: the server's, the clients' (this process) and
+that of processes outside the bench. On a shared machine, a figure taken while others were busy is noisy.
 """
 
 import argparse
+import array
 import asyncio
+import base64
 import json
 import os
 import re
@@ -41,71 +39,111 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx2
 import uvicorn
 import websockets
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
 from websockets.asyncio.client import connect
 
 from auth import JWTSettings
-from hub import encode
-from offline_model import OfflineModel, item_text, tokens
+from broker import encode
 
 REPO = Path(__file__).resolve().parent
 SECRET = "bench-secret-" + "b" * 64
-UVICORN_OPTIONS = ["--host", "127.0.0.1", "--log-level", "warning", "--backlog", "2048"]
-WAIT = 180  # seconds: the bound on every wait
+UVICORN_OPTIONS = ["--host", "127.0.0.1", "--log-level", "warning", "--backlog", "4096"]
+WAIT = 300  # seconds: the bound on every wait
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STAMP = 17  # characters of a delta's time stamp: "1795693855.123456"
 FILLER_RUNS, FILLER_WORDS, FILLER_WORD_CHARS = 5, 15, 2000  # ~90 KB to each socket per run (section 4)
 MODES = {
     "quick": dict(fanout=(1, 10, 100), deltas=2000, paced=200, pace=0.01, readers=100, idle=200,
-                  threads=50, runs_per_thread=2, words_per_run=20, tries=1),
+                  threads=50, runs_per_thread=2, words_per_run=20, tries=1,
+                  capacity=(25, 50, 100, 200, 300, 400), capacity_seconds=5, overhead_runs=100, redis=True),
     "full": dict(fanout=(1, 10, 100, 500), deltas=2000, paced=200, pace=0.01, readers=100, idle=1000,
-                 threads=200, runs_per_thread=3, words_per_run=20, tries=3),
+                 threads=200, runs_per_thread=3, words_per_run=20, tries=3,
+                 capacity=(25, 50, 75, 100, 150, 200, 300, 400, 500), capacity_seconds=10, overhead_runs=300,
+                 redis=True),
 }
+CAPACITY_RATE = 50  # deltas a second per run
+CAPACITY_P99_MS = 100
 
 
 def words(count: int, chars: int = 0) -> str:
     return " ".join(f"w{index}".ljust(chars, "x") for index in range(count))
 
 
+def stamped_words(text: str) -> list[str]:
+    """A delta's words; each starts with the time it left the model."""
+    return text.split()
+
+
 # ---------------------------------------------------------------- the model, in its own process
 
-class TimedModel(OfflineModel):
-    """The offline model, replying with the user's words verbatim and noting when each delta leaves."""
+def sse_chunk(event_type: str, data: str) -> bytes:
+    payload = f"event: {event_type}\ndata: {data}\n\n".encode()
+    return b"%x\r\n%s\r\n" % (len(payload), payload)  # chunked transfer encoding
+
+
+RESPONSE = ('{"id":"resp_bench","object":"response","created_at":1700000000,"model":"bench","output":%s,'
+            '"parallel_tool_calls":true,"tool_choice":"auto","tools":[],"status":"%s","temperature":1.0,'
+            '"top_p":1.0,"error":null,"incomplete_details":null%s}')
+ITEM = '{"id":"msg_bench","type":"message","status":"%s","role":"assistant","content":%s}'
+USAGE = (',"usage":{"input_tokens":1,"input_tokens_details":{"cached_tokens":0,"cache_write_tokens":0},'
+         '"output_tokens":%d,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":%d}')
+HEAD = (sse_chunk("response.created", '{"type":"response.created","sequence_number":0,"response":%s}'
+                  % (RESPONSE % ("[]", "in_progress", "")))
+        + sse_chunk("response.output_item.added", '{"type":"response.output_item.added","sequence_number":1,'
+                    '"output_index":0,"item":%s}' % (ITEM % ("in_progress", "[]"))))
+DELTA = ('{"type":"response.output_text.delta","sequence_number":%d,"item_id":"msg_bench","output_index":0,'
+         '"content_index":0,"delta":"%.6f%s ","logprobs":[]}')
+
+
+class StreamingModel:
+    """A Responses server that replies with as many deltas as the user's message has words (after its
+    "[sub] " label), each delta its emission time padded to the word's length. POST /bench/pace?delay=
+    sets the seconds between deltas (0: as fast as the socket takes them)."""
 
     def __init__(self):
-        self.emitted: list[float] = []
-        super().__init__(token_delay=0.0)
-        self.app.router.routes += [Route("/bench/reset", self.reset, methods=["POST"]),
-                                   Route("/bench/emitted", self.emitted_times)]
+        self.delay = 0.0
 
-    # OfflineModel counts each delta just before it yields it: that is the moment of emission.
-    @property
-    def deltas_sent(self) -> int:
-        return self._deltas_sent
+    async def serve(self, port: int) -> None:
+        server = await asyncio.start_server(self.connection, "127.0.0.1", port, backlog=4096)
+        async with server:
+            await server.serve_forever()
 
-    @deltas_sent.setter
-    def deltas_sent(self, value: int) -> None:
-        self._deltas_sent = value
-        if value:
-            self.emitted.append(time.time())
+    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                target = head.split(" ", 2)[1]
+                length = int(re.search(r"(?im)^content-length:\s*(\d+)", head).group(1)) \
+                    if "content-length" in head.lower() else 0
+                body = await reader.readexactly(length)
+                if target.startswith("/bench/pace"):
+                    self.delay = float(dict(parse_qsl(urlsplit(target).query))["delay"])
+                    writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                else:
+                    await self.stream(writer, json.loads(body))
+                await writer.drain()
+        writer.close()
 
-    @staticmethod
-    def reply_text(metadata: dict, seen: list[dict]) -> str:
-        user_texts = [item_text(item) for item in seen if item.get("role") == "user"]
-        return user_texts[-1] if user_texts else "nothing"
-
-    async def reset(self, request):
-        self.token_delay, self.emitted = float(request.query_params["delay"]), []
-        return Response(status_code=204)
-
-    async def emitted_times(self, request):
-        return JSONResponse(self.emitted)
-
-
-def make_model_app():
-    return TimedModel().app
+    async def stream(self, writer: asyncio.StreamWriter, request: dict) -> None:
+        text = [item for item in request["input"] if item["role"] == "user"][-1]["content"]
+        user_words = text.split("] ", 1)[-1].split()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + HEAD)
+        delay = self.delay
+        for number, word in enumerate(user_words, 2):
+            if delay:
+                await asyncio.sleep(delay)
+            padding = "x" * max(0, len(word) - STAMP)
+            writer.write(sse_chunk("response.output_text.delta", DELTA % (number, time.time(), padding)))
+            if not delay:
+                await writer.drain()
+        item = ITEM % ("completed", '[{"type":"output_text","text":"","annotations":[],"logprobs":[]}]')
+        done = RESPONSE % (f"[{item}]", "completed", USAGE % (len(user_words), len(user_words) + 1))
+        writer.write(sse_chunk("response.completed", '{"type":"response.completed","sequence_number":%d,'
+                                                      '"response":%s}' % (len(user_words) + 2, done)))
+        writer.write(b"0\r\n\r\n")
 
 
 # ---------------------------------------------------------------- the raw limit, a bare ASGI app
@@ -139,24 +177,42 @@ async def raw_socket(scope, receive, send):
 
 
 async def raw_fire(scope, receive, send):
-    """POST /fire?group=&deltas=&delay=: each delta, shaped as the service's text.delta frame, is sent to
-    every socket of the group in turn, each send awaited; answers the emission times when done."""
+    """POST /fire?group=&deltas=&delay=: each delta, shaped as the service's text.delta frame and stamped as
+    the model stamps its, is sent to every socket of the group in turn, each send awaited."""
     params = dict(parse_qsl(scope["query_string"].decode()))
     sockets, delay = list(RAW_GROUPS.get(params["group"], ())), float(params["delay"])
-    ids = {"thread_id": "conv_" + secrets.token_hex(12), "run_id": "run_" + secrets.token_hex(12)}
-    emitted = []
-    for delta in tokens(words(int(params["deltas"]))):
+    ids = {"thread_id": "thread_" + secrets.token_hex(12), "run_id": "run_" + secrets.token_hex(12)}
+    for _ in range(int(params["deltas"])):
         if delay:
             await asyncio.sleep(delay)
-        emitted.append(time.time())
-        frame = {"type": "websocket.send", "text": encode({"type": "text.delta", **ids, "delta": delta})}
+        frame = {"type": "websocket.send",
+                 "text": encode({"type": "text.delta", **ids, "delta": f"{time.time():.6f} "})}
         for send_to_socket in sockets:
             await send_to_socket(frame)
     done = {"type": "websocket.send", "text": encode({"type": "run.completed", **ids})}
     for send_to_socket in sockets:
         await send_to_socket(done)
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": json.dumps(emitted).encode()})
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+# ---------------------------------------------------------------- the service, varied
+
+def service_numbering_only():
+    """The service with a broker that numbers nothing and keeps no log: each event goes to the hub as it
+    is, with no `seq` in its frame, no resume log and no run-in-progress record (what section 9 takes away)."""
+    import broker
+    import main
+
+    class NumberingOnly(broker.MemoryBroker):
+        def publish(self, thread_id: str, event: dict) -> None:
+            log = self._log(thread_id)
+            log.seq += 1  # the hub still orders by it; the frame does not carry it
+            self._deliver(thread_id, [broker.Event(log.seq, event["type"], event.get("run_id"),
+                                                   event.get("delta"), encode(event))])
+
+    main.broker_for = lambda url, window, prefix: NumberingOnly(window)
+    return main.create_app()
 
 
 # ---------------------------------------------------------------- server processes
@@ -190,15 +246,16 @@ def machine_busy_seconds() -> float:
 
 
 class CpuMeter:
-    """CPU used during a measurement by the server, by this process (the clients), and by every process
-    that is not part of the bench: the machine may be shared, and the figures mean little when it is."""
+    """CPU used during a measurement by the servers under test, by this process (the clients), and by
+    every process that is not part of the bench: the machine may be shared, and the figures mean little
+    when it is."""
 
-    def __init__(self, server: Server):
-        self.server = server
+    def __init__(self, *servers: Server):
+        self.servers = servers
         self.start = self.sample()
 
     def sample(self) -> tuple:
-        return (time.time(), self.server.cpu_seconds(), time.process_time(),
+        return (time.time(), sum(server.cpu_seconds() for server in self.servers), time.process_time(),
                 sum(server.cpu_seconds() for server in RUNNING), machine_busy_seconds())
 
     def read(self) -> dict:
@@ -207,37 +264,75 @@ class CpuMeter:
                 "other_cpu": max(0.0, busy - servers - clients) / wall}
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def wait_for_port(process: subprocess.Popen, port: int, what: str) -> None:
+    async with asyncio.timeout(30):
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{what} exited with {process.returncode}")
+            with suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                return
+            await asyncio.sleep(0.05)
+
+
 @asynccontextmanager
 async def serve(target: str, env: dict, cwd: str, cpu: int | None, factory: bool = False):
     """`uvicorn target` in a subprocess on a free port, pinned to `cpu`; stopped when the block ends."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "uvicorn", *(["--factory"] if factory else []), target,
                *UVICORN_OPTIONS, "--port", str(port)]
     process = subprocess.Popen(command, cwd=cwd, env=env | {"PYTHONPATH": str(REPO)})
     try:
         if cpu is not None:
             os.sched_setaffinity(process.pid, {cpu})
-        async with asyncio.timeout(30):
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"{target} exited with {process.returncode}")
-                with suppress(OSError):
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                    writer.close()
-                    break
-                await asyncio.sleep(0.05)
+        await wait_for_port(process, port, target)
         RUNNING.append(server := Server(process, f"http://127.0.0.1:{port}"))
         yield server
     finally:
         RUNNING[:] = [running for running in RUNNING if running.process is not process]
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@asynccontextmanager
+async def serve_model(cpu: int):
+    """This file's model in a process of its own: `python bench.py --model-port N`."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, __file__, "--model-port", str(port)], cwd=REPO)
+    try:
+        os.sched_setaffinity(process.pid, {cpu})
+        await wait_for_port(process, port, "the model")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(process)
+
+
+@asynccontextmanager
+async def private_redis():
+    """A Redis of the bench's own, on a free port, keeping nothing on disk."""
+    port = free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        await wait_for_port(process, port, "redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(process)
 
 
 # ---------------------------------------------------------------- clients
@@ -247,13 +342,14 @@ class Reception:
     """What one socket received of one run."""
     frames: int = 0
     deltas: int = 0
-    first: float = 0.0
+    first: float = 0.0  # when the first delta arrived
+    first_emitted: float = float("inf")
     last: float = 0.0
-    times: list[float] = field(default_factory=list)  # when each delta arrived, if kept
+    latencies: list[float] = field(default_factory=list)  # one per delta, if kept
     completed: bool = False
 
 
-async def receive_run(ws, keep_times: bool) -> Reception:
+async def receive_run(ws, keep_latencies: bool) -> Reception:
     """The frames of one run, up to its run.completed (or run.failed, or the socket closing)."""
     got = Reception()
     with suppress(websockets.ConnectionClosed):
@@ -261,11 +357,12 @@ async def receive_run(ws, keep_times: bool) -> Reception:
             now = time.time()
             event = json.loads(text)
             if event["type"] == "text.delta":
-                count = len(event["delta"].split())
-                got.frames, got.deltas, got.last = got.frames + 1, got.deltas + count, now
+                stamps = [float(word[:STAMP]) for word in stamped_words(event["delta"])]
+                got.frames, got.deltas, got.last = got.frames + 1, got.deltas + len(stamps), now
                 got.first = got.first or now
-                if keep_times:
-                    got.times += [now] * count
+                got.first_emitted = min(got.first_emitted, stamps[0])
+                if keep_latencies:
+                    got.latencies += [now - stamp for stamp in stamps]
             elif event["type"] in ("run.completed", "run.failed"):
                 got.completed = event["type"] == "run.completed"
                 break
@@ -310,30 +407,132 @@ async def close_sockets(sockets) -> None:
             await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
 
 
+class Listener(asyncio.Protocol):
+    """A WebSocket client that reads only what the capacity runs need, cheaply enough to take hundreds of
+    runs' frames on a shared CPU: the handshake, then frames, the delta stamps found without decoding the
+    JSON. It never offers permessage-deflate. `send_text` sends a (masked) text frame."""
+
+    def __init__(self, handshake: bytes, latencies: array.array, runs_done: dict):
+        self.handshake, self.latencies, self.runs_done = handshake, latencies, runs_done
+        self.buffer = bytearray()
+        self.upgraded = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.handshake)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.upgraded.done():
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not self.buffer.startswith(b"HTTP/1.1 101"):
+                self.upgraded.set_exception(RuntimeError(bytes(self.buffer[:end]).decode()))
+                return
+            del self.buffer[:end + 4]
+            self.upgraded.set_result(None)
+        now, buffer, start = time.time(), self.buffer, 0
+        while len(buffer) - start >= 2:
+            length, header = buffer[start + 1] & 0x7F, 2
+            if length == 126:
+                if len(buffer) - start < 4:
+                    break
+                length, header = int.from_bytes(buffer[start + 2:start + 4], "big"), 4
+            elif length == 127:
+                if len(buffer) - start < 10:
+                    break
+                length, header = int.from_bytes(buffer[start + 2:start + 10], "big"), 10
+            if len(buffer) - start < header + length:
+                break
+            payload = bytes(buffer[start + header:start + header + length])
+            start += header + length
+            if b'"text.delta"' in payload:
+                delta = payload[payload.index(b'"delta":"') + 9:payload.rindex(b'"')]
+                for stamp in delta.split():
+                    self.latencies.append(now - float(stamp[:STAMP]))
+            elif b'"run.completed"' in payload or b'"run.failed"' in payload:
+                run = re.search(rb'"run_id":"([^"]+)"', payload).group(1)
+                self.runs_done[run] = self.runs_done.get(run, 0) + (b'"run.completed"' in payload)
+        del buffer[:start]
+
+    def send_text(self, text: str) -> None:
+        payload, mask = text.encode(), os.urandom(4)
+        length = len(payload)
+        header = bytes([0x81]) + (bytes([0x80 | length]) if length < 126 else bytes([0xFE]) + length.to_bytes(2, "big"))
+        self.transport.write(header + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload)))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def open_listener(url: str, headers: dict, latencies: array.array, runs_done: dict) -> Listener:
+    parts = urlsplit(url)
+    request = (f"GET {parts.path}?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+               f"Sec-WebSocket-Version: 13\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
+    _, listener = await asyncio.get_running_loop().create_connection(
+        lambda: Listener(request.encode(), latencies, runs_done), parts.hostname, parts.port)
+    await listener.upgraded
+    return listener
+
+
 class ServiceTarget:
     name = "service"
 
-    def __init__(self, server: Server, model_url: str, http: httpx2.AsyncClient, deflate: bool):
+    def __init__(self, server: Server, model_url: str, http: httpx2.AsyncClient, deflate: bool,
+                 other_servers: tuple[Server, ...] = ()):
         self.server, self.model_url, self.http, self.deflate = server, model_url, http, deflate
+        self.servers = (server, *other_servers)  # sockets are spread over these, round robin
         self.headers = {"Authorization": f"Bearer {JWTSettings(secret=SECRET).mint('bench')}"}
 
-    async def open(self, count: int, stuck: int = 0) -> list:
+    async def new_thread(self) -> str:
         created = await self.http.post(self.server.url + "/threads", headers=self.headers)
-        thread = created.raise_for_status().json()["id"]
-        url = self.server.url.replace("http", "ws", 1) + f"/threads/{thread}/ws"
-        sockets = await open_sockets(url, count, self.headers, self.deflate)
-        return sockets + [await open_stuck_socket(url, self.headers) for _ in range(stuck)]
+        return created.raise_for_status().json()["id"]
+
+    def socket_url(self, thread: str, index: int = 0) -> str:
+        return self.servers[index % len(self.servers)].url.replace("http", "ws", 1) + f"/threads/{thread}/ws"
+
+    async def open(self, count: int, stuck: int = 0) -> list:
+        thread = await self.new_thread()
+        sockets = []
+        for index in range(len(self.servers)):
+            share = count // len(self.servers) + (index < count % len(self.servers))
+            sockets += await open_sockets(self.socket_url(thread, index), share, self.headers, self.deflate)
+        return sockets + [await open_stuck_socket(self.socket_url(thread), self.headers) for _ in range(stuck)]
 
     async def pace_model(self, delay: float) -> None:
-        (await self.http.post(self.model_url + "/bench/reset", params={"delay": delay})).raise_for_status()
+        (await self.http.post(self.model_url + "/bench/pace", params={"delay": delay})).raise_for_status()
 
-    async def run(self, readers: list, deltas: int, delay: float, keep_times: bool, word_chars: int = 0):
+    async def run(self, readers: list, deltas: int, delay: float, keep_latencies: bool, word_chars: int = 0):
         await self.pace_model(delay)
-        receiving = [asyncio.create_task(receive_run(ws, keep_times)) for ws in readers]
+        receiving = [asyncio.create_task(receive_run(ws, keep_latencies)) for ws in readers]
         async with asyncio.timeout(WAIT):
             await readers[0].send(json.dumps({"type": "message", "content": words(deltas, word_chars)}))
-            got = await asyncio.gather(*receiving)
-        return got, (await self.http.get(self.model_url + "/bench/emitted")).json()
+            return await asyncio.gather(*receiving)
+
+    async def open_listeners(self, runs: int, latencies: array.array, runs_done: dict):
+        """`runs` threads with two listeners each; returns a function that starts every run."""
+        at_once, posters = asyncio.Semaphore(50), []
+
+        async def thread_with_listeners(index: int):
+            async with at_once:
+                thread = await self.new_thread()
+                pair = [await open_listener(self.socket_url(thread, index + side), self.headers, latencies, runs_done)
+                        for side in (0, 1)]
+                posters.append(pair[0])
+                return pair
+
+        pairs = await asyncio.gather(*(thread_with_listeners(index) for index in range(runs)))
+        message = json.dumps({"type": "message", "content": words(CAPACITY_RATE * self.capacity_seconds)})
+
+        def start_all():
+            for poster in posters:
+                poster.send_text(message)
+
+        return [listener for pair in pairs for listener in pair], start_all
 
 
 class RawTarget:
@@ -341,41 +540,57 @@ class RawTarget:
 
     def __init__(self, server: Server, http: httpx2.AsyncClient, deflate: bool):
         self.server, self.http, self.deflate = server, http, deflate
+        # Hundreds of /fire requests at once (section 7): no cap on connections, or they would wait in turn.
+        self.firing = httpx2.AsyncClient(timeout=WAIT, limits=httpx2.Limits(max_connections=None,
+                                                                           max_keepalive_connections=None))
 
     async def open(self, count: int) -> list:
         self.group = secrets.token_hex(8)  # the group of the sockets opened last: `run` fans out to it
         url = self.server.url.replace("http", "ws", 1) + f"/ws?group={self.group}"
         return await open_sockets(url, count, {}, self.deflate)
 
-    async def run(self, readers: list, deltas: int, delay: float, keep_times: bool):
-        receiving = [asyncio.create_task(receive_run(ws, keep_times)) for ws in readers]
+    async def run(self, readers: list, deltas: int, delay: float, keep_latencies: bool):
+        receiving = [asyncio.create_task(receive_run(ws, keep_latencies)) for ws in readers]
         fired = await self.http.post(self.server.url + "/fire",
                                      params={"group": self.group, "deltas": deltas, "delay": delay})
+        fired.raise_for_status()
         async with asyncio.timeout(WAIT):
-            got = await asyncio.gather(*receiving)
-        return got, fired.raise_for_status().json()
+            return await asyncio.gather(*receiving)
+
+    async def open_listeners(self, runs: int, latencies: array.array, runs_done: dict):
+        groups, at_once = [secrets.token_hex(8) for _ in range(runs)], asyncio.Semaphore(50)
+        base = self.server.url.replace("http", "ws", 1)
+
+        async def listener(group: str):
+            async with at_once:
+                return await open_listener(f"{base}/ws?group={group}", {}, latencies, runs_done)
+
+        listeners = await asyncio.gather(*(listener(group) for group in groups for _ in (0, 1)))
+        params = {"deltas": CAPACITY_RATE * self.capacity_seconds, "delay": 1 / CAPACITY_RATE}
+        fired: list[asyncio.Task] = []
+
+        def start_all():
+            fired.extend(asyncio.create_task(self.firing.post(self.server.url + "/fire", params=params | {"group": g}))
+                         for g in groups)
+
+        self.fired = fired
+        return listeners, start_all
 
 
 # ---------------------------------------------------------------- measurements
 
-def percentile(values: list[float], share: float) -> float:
+def percentile(values, share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
 
-def delays(got: list[Reception], emitted: list[float]) -> list[float]:
-    """From the emission of each delta to its arrival at each socket (where arrival times were kept)."""
-    return [arrived - sent for reception in got for arrived, sent in zip(reception.times, emitted)]
-
-
-def summarize(got: list[Reception], emitted: list[float], deltas: int) -> dict:
-    if len(emitted) != deltas:
-        raise RuntimeError(f"the emitter sent {len(emitted)} deltas, not {deltas}: another run overlapped")
-    span = max(reception.last for reception in got) - emitted[0]
-    latencies = delays(got, emitted)
+def summarize(got: list[Reception], deltas: int) -> dict:
+    span = (max(reception.last for reception in got) - min(reception.first_emitted for reception in got)
+            if any(reception.deltas for reception in got) else float("nan"))
+    latencies = [latency for reception in got for latency in reception.latencies]
     return {"deltas_per_s": sum(r.deltas for r in got) / span, "frames_per_s": sum(r.frames for r in got) / span,
             "completion_s": span, "p50_ms": 1000 * percentile(latencies, 0.5),
-            "p99_ms": 1000 * percentile(latencies, 0.99),
+            "p99_ms": 1000 * percentile(latencies, 0.99), "latencies": latencies,
             "missing_deltas": deltas * len(got) - sum(r.deltas for r in got),
             "failed_runs": sum(not r.completed for r in got)}
 
@@ -385,12 +600,12 @@ async def quietest(tries: int, measure_once) -> dict:
     return min([await measure_once() for _ in range(tries)], key=lambda result: result["other_cpu"])
 
 
-async def fan_out(target, count: int, deltas: int, delay: float, keep_times: bool) -> dict:
+async def fan_out(target, count: int, deltas: int, delay: float, keep_latencies: bool) -> dict:
     sockets = await target.open(count)
     try:
-        meter = CpuMeter(target.server)
-        got, emitted = await target.run(sockets, deltas, delay, keep_times)
-        return summarize(got, emitted, deltas) | meter.read()
+        meter = CpuMeter(*getattr(target, "servers", (target.server,)))
+        got = await target.run(sockets, deltas, delay, keep_latencies)
+        return summarize(got, deltas) | meter.read()
     finally:
         await close_sockets(sockets)
 
@@ -425,17 +640,16 @@ async def slow_runs(service: ServiceTarget, readers: int, mode: dict, stuck: boo
         meter, rss_before = CpuMeter(service.server), service.server.memory_kib("VmRSS")
         for _ in range(FILLER_RUNS):
             await service.run(sockets[:readers], FILLER_WORDS, 0.0, False, word_chars=FILLER_WORD_CHARS)
-        fast = summarize(*await service.run(sockets[:readers], mode["deltas"], 0.0, False), mode["deltas"])
-        got, emitted = await service.run(sockets[:readers], mode["paced"], mode["pace"], True)
-        paced = summarize(got, emitted, mode["paced"])
+        fast = summarize(await service.run(sockets[:readers], mode["deltas"], 0.0, False), mode["deltas"])
+        paced = summarize(await service.run(sockets[:readers], mode["paced"], mode["pace"], True), mode["paced"])
         result = meter.read() | {
             "completion_s": fast["completion_s"], "missing_deltas": fast["missing_deltas"] + paced["missing_deltas"],
-            "latencies": delays(got, emitted),
+            "latencies": paced["latencies"],
             "rss_before_kib": rss_before, "peak_kib": service.server.memory_kib("VmHWM")}
         if stuck:  # it reads now: were its deltas held and merged, and none lost?
             with suppress(TimeoutError):
                 async with asyncio.timeout(30):
-                    late = [await receive_run(sockets[-1], keep_times=False) for _ in range(FILLER_RUNS + 2)]
+                    late = [await receive_run(sockets[-1], keep_latencies=False) for _ in range(FILLER_RUNS + 2)]
                     result |= {"stuck_runs": [(run.deltas, run.frames) for run in late[-2:]],
                                "stuck_close_code": sockets[-1].close_code}
         return result
@@ -481,6 +695,77 @@ async def many_threads(service: ServiceTarget, threads: int, runs: int, words_pe
                 "ttfd_p99_ms": 1000 * percentile(waits, 0.99)} | meter.read()
     finally:
         await close_sockets([ws for pair in pairs for ws in pair])
+
+
+async def capacity_trial(target, runs: int, seconds: int) -> dict:
+    """`runs` runs at once, on threads of their own, each streaming CAPACITY_RATE deltas a second for
+    `seconds` to two sockets. Passes when every run completes on both and the p99 latency is under
+    CAPACITY_P99_MS."""
+    target.capacity_seconds = seconds
+    latencies, runs_done = array.array("d"), {}
+    if isinstance(target, ServiceTarget):
+        await target.pace_model(1 / CAPACITY_RATE)
+    listeners, start_all = await target.open_listeners(runs, latencies, runs_done)
+    try:
+        meter = CpuMeter(*getattr(target, "servers", (target.server,)))
+        start_all()
+        deadline = time.monotonic() + seconds * 3 + 10
+        while sum(done == 2 for done in runs_done.values()) < runs and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        usage = meter.read()
+        completed = sum(done == 2 for done in runs_done.values())
+        p99 = 1000 * percentile(latencies, 0.99)
+        return {"runs": runs, "completed": completed, "p50_ms": 1000 * percentile(latencies, 0.5), "p99_ms": p99,
+                "max_ms": 1000 * max(latencies, default=float("nan")), "deltas": len(latencies),
+                "passed": completed == runs and p99 < CAPACITY_P99_MS} | usage
+    finally:
+        for listener in listeners:
+            listener.close()
+        for task in getattr(target, "fired", ()):
+            task.cancel()
+
+
+async def capacity(target, counts: tuple[int, ...], seconds: int) -> dict:
+    """Trials at growing counts until one fails; the largest count that passed."""
+    trials = []
+    for runs in counts:
+        trials.append(await capacity_trial(target, runs, seconds))
+        progress(f"capacity, {target.name}, {runs} runs: p99 {trials[-1]['p99_ms']:.0f} ms, "
+                 f"{trials[-1]['completed']}/{runs} completed")
+        if not trials[-1]["passed"]:
+            break
+    passed = [trial["runs"] for trial in trials if trial["passed"]]
+    if not trials[-1]["passed"]:  # runs of the failed trial may still stream on the server's CPU: let them end
+        await asyncio.sleep(seconds * 2)
+    return {"trials": trials, "capacity": max(passed, default=0), "limit_reached": not trials[-1]["passed"]}
+
+
+async def per_run_overhead(service: ServiceTarget, runs: int) -> dict:
+    """Server CPU per run of a 20-delta reply, two sockets, minus what its 20 deltas cost alone (measured on
+    a 2,000-delta run to the same two sockets)."""
+    await service.pace_model(0.0)
+    sockets = await service.open(2)
+    try:
+        await service.run(sockets, 50, 0.0, False)  # warm
+        meter = CpuMeter(service.server)
+        await service.run(sockets, 2000, 0.0, False)
+        per_delta = meter.read()["server_cpu_s"] / 2000
+    finally:
+        await close_sockets(sockets)
+    pairs = await asyncio.gather(*(service.open(2) for _ in range(20)))
+    message = json.dumps({"type": "message", "content": words(20)})
+    try:
+        meter = CpuMeter(service.server)
+        for _ in range(runs // len(pairs)):
+            async with asyncio.timeout(WAIT):
+                await asyncio.gather(*(pair[0].send(message) for pair in pairs))
+                await asyncio.gather(*(receive_run(ws, False) for pair in pairs for ws in pair))
+        total = meter.read()
+        per_run = total["server_cpu_s"] / (runs // len(pairs) * len(pairs))
+    finally:
+        await close_sockets([ws for pair in pairs for ws in pair])
+    return {"per_run_ms": 1000 * per_run, "per_delta_us": 1e6 * per_delta,
+            "overhead_ms": 1000 * (per_run - 20 * per_delta), "runs": runs // len(pairs) * len(pairs)} | total
 
 
 # ---------------------------------------------------------------- the table
@@ -538,20 +823,59 @@ def table_rows(results: dict, mode: dict) -> list[tuple]:
         rows.append((f"5 idle memory per connected socket, {compression}: KiB", service["sockets"],
                      f"{service['kib_per_socket']:.1f}", f"{raw['kib_per_socket']:.1f}",
                      f"{service['kib_per_socket'] / raw['kib_per_socket']:.2f}",
-                     f"service RSS {service['rss_before_kib'] / 1024:.0f} -> "
-                     f"{service['rss_after_kib'] / 1024:.0f} MiB, "
-                     f"sockets connected in {service['connect_s']:.1f} s"))
+                     f"the service's own share: {service['kib_per_socket'] - raw['kib_per_socket']:.1f} KiB; "
+                     f"service RSS {service['rss_before_kib'] / 1024:.0f} -> {service['rss_after_kib'] / 1024:.0f} "
+                     f"MiB, sockets connected in {service['connect_s']:.1f} s"))
     threads = results["threads"]
     label = f"6 {threads['threads']} threads x 2 sockets, {mode['runs_per_thread']} runs each"
     rows.append((f"{label}: runs/s", threads["threads"] * 2, f"{threads['runs_per_s']:.1f}", "", "",
                  f"{threads['completed_runs']}/{threads['runs']} runs completed; {cpu_note(threads)}"))
     rows.append((f"{label}: first delta p50 / p99 ms", threads["threads"] * 2,
                  f"{threads['ttfd_p50_ms']:.0f} / {threads['ttfd_p99_ms']:.0f}", "", "", ""))
+    for name, found in results["capacity"].items():
+        last = found["trials"][-1]
+        best = next((trial for trial in reversed(found["trials"]) if trial["passed"]), None)
+        shown = best or last
+        note = (f"at {shown['runs']} runs: p50 {shown['p50_ms']:.1f} ms, max {shown['max_ms']:.0f} ms, "
+                f"{cpu_note(shown)}; " + ("" if found["limit_reached"] else "the largest count tried; ")
+                + (f"at {last['runs']}: {last['completed']}/{last['runs']} completed, p99 {last['p99_ms']:.0f} ms"
+                   if found["limit_reached"] else ""))
+        rows.append((f"7 concurrent streaming runs per core ({CAPACITY_RATE} deltas/s, 2 sockets, "
+                     f"p99 < {CAPACITY_P99_MS} ms): {name}", 2 * (best or last)["runs"],
+                     f"{found['capacity']}", "", "", note))
+    overhead = results["overhead"]
+    rows.append(("8 per-run overhead, 20-delta reply to 2 sockets: server CPU ms", 2,
+                 f"{overhead['overhead_ms']:.2f}", "", "",
+                 f"{overhead['per_run_ms']:.2f} ms a run, of which 20 deltas at {overhead['per_delta_us']:.0f} us; "
+                 f"{overhead['runs']} runs"))
+    for name, pair in results["seq_and_log"].items():
+        with_log, without = pair["with"], pair["without"]
+        value = (f"{with_log['deltas_per_s']:,.0f}" if name == "throughput"
+                 else f"{with_log['p50_ms']:.2f} / {with_log['p99_ms']:.1f}")
+        before = (f"{without['deltas_per_s']:,.0f}" if name == "throughput"
+                  else f"{without['p50_ms']:.2f} / {without['p99_ms']:.1f}")
+        ratio = (f"{with_log['deltas_per_s'] / without['deltas_per_s']:.2f}" if name == "throughput"
+                 else f"{with_log['p50_ms'] / without['p50_ms']:.2f} / {with_log['p99_ms'] / without['p99_ms']:.2f}")
+        rows.append((f"9 seq and resume log, {name} at 100 sockets (raw limit column: without them)", 100,
+                     value, before, ratio, cpu_note(with_log, without)))
+    for name, pair in results.get("redis", {}).items():
+        one, two = pair["one process"], pair["two processes"]
+        if name == "throughput":
+            rows.append(("10 through Redis, 100 sockets on two processes vs one (raw limit column): deltas/s", 100,
+                         f"{two['deltas_per_s']:,.0f}", f"{one['deltas_per_s']:,.0f}",
+                         f"{two['deltas_per_s'] / one['deltas_per_s']:.2f}", cpu_note(two, one)))
+        else:
+            rows.append(("10 through Redis, 100 sockets on two processes vs one (raw limit column): p50 / p99 ms",
+                         100, f"{two['p50_ms']:.2f} / {two['p99_ms']:.1f}",
+                         f"{one['p50_ms']:.2f} / {one['p99_ms']:.1f}",
+                         f"{two['p50_ms'] / one['p50_ms']:.2f} / {two['p99_ms'] / one['p99_ms']:.2f}",
+                         cpu_note(two, one)))
     return rows
 
 
 def goals(results: dict) -> list[str]:
     throughput, latency, slow = results["throughput"][100], results["latency"][100], results["slow_reader"]
+    idle = results["idle"]["deflate offered"]
     checks = [
         ("throughput at 100 sockets >= 0.7 x the raw limit",
          throughput["service"]["deltas_per_s"] / throughput["raw"]["deltas_per_s"],
@@ -561,8 +885,21 @@ def goals(results: dict) -> list[str]:
         ("a stuck socket raises the readers' p99 by < 20% (a drop is noise: see the cpu notes)",
          slow["with"]["p99_ms"] / slow["without"]["p99_ms"] - 1, lambda change: change < 0.2, "{:+.1%}"),
         ("< 64 KiB server memory per idle socket (clients offering permessage-deflate, as browsers do)",
-         results["idle"]["deflate offered"]["service"]["kib_per_socket"], lambda kib: kib < 64, "{:.1f} KiB"),
+         idle["service"]["kib_per_socket"], lambda kib: kib < 64, "{:.1f} KiB"),
+        ("the service's own share of an idle socket's memory (above the raw app's) < 8 KiB",
+         idle["service"]["kib_per_socket"] - idle["raw"]["kib_per_socket"], lambda kib: kib < 8, "{:.1f} KiB"),
+        ("concurrent streaming runs per server core >= 300 (moonshot 500)",
+         results["capacity"]["service"]["capacity"], lambda runs: runs >= 300, "{} runs"),
+        ("per-run overhead (a 20-delta reply, minus its deltas) < 3 ms of server CPU",
+         results["overhead"]["overhead_ms"], lambda ms: ms < 3, "{:.2f} ms"),
     ]
+    if "redis" in results:
+        one, two = results["redis"]["latency"]["one process"], results["redis"]["latency"]["two processes"]
+        checks.append(("through Redis, p50 at 100 sockets over two processes within 1.5 x one process's",
+                       two["p50_ms"] / one["p50_ms"], lambda ratio: ratio <= 1.5, "{:.2f} x"))
+        one, two = results["redis"]["throughput"]["one process"], results["redis"]["throughput"]["two processes"]
+        checks.append(("through Redis, a second process adds throughput rather than taking it away",
+                       two["deltas_per_s"] / one["deltas_per_s"], lambda ratio: ratio >= 1, "{:.2f} x"))
     return [f"goal: {text}: {shape.format(value)} -> {'met' if test(value) else 'NOT MET'}"
             for text, value, test, shape in checks]
 
@@ -575,30 +912,104 @@ def report(results: dict, mode: dict, header: list[str]) -> str:
     return "\n".join(header + [""] + lines + [""] + goals(results))
 
 
+# ---------------------------------------------------------------- plots
+
+def svg_plot(title: str, x_label: str, y_label: str, series: dict[str, list[tuple[float, float]]],
+             log_x: bool = False, log_y: bool = False, line: float | None = None) -> str:
+    """A line chart as SVG, by hand: no plotting library for one picture."""
+    import math
+
+    width, height, left, bottom, top, right = 640, 360, 64, 48, 36, 150
+    points = [point for values in series.values() for point in values]
+    x_of = (lambda x: math.log10(x)) if log_x else (lambda x: x)
+    y_of = (lambda y: math.log10(max(y, 0.1))) if log_y else (lambda y: y)
+    xs, ys = [x_of(x) for x, _ in points], [y_of(y) for _, y in points] + ([y_of(line)] if line else [])
+    x_min, x_max = min(xs), max(xs)
+    y_min, y_max = (math.floor(min(ys)), math.ceil(max(ys))) if log_y else (0, max(ys) * 1.1 or 1)
+
+    def to_svg(x, y):
+        return (left + (x_of(x) - x_min) / ((x_max - x_min) or 1) * (width - left - right),
+                height - bottom - (y_of(y) - y_min) / ((y_max - y_min) or 1) * (height - top - bottom))
+
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{left}" y="20" font-size="14">{title}</text>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+             f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">{x_label}</text>',
+             f'<text x="14" y="{(top + height - bottom) / 2}" transform="rotate(-90 14 {(top + height - bottom) / 2})" '
+             f'text-anchor="middle">{y_label}</text>']
+    for x in sorted({x for x, _ in points}):
+        sx, _ = to_svg(x, 0)
+        parts.append(f'<text x="{sx}" y="{height - bottom + 16}" text-anchor="middle">{x:g}</text>')
+    ticks = ([10 ** power for power in range(int(y_min), int(y_max) + 1)] if log_y
+             else [y_max * step / 4 for step in range(5)])
+    for y in ticks:
+        _, sy = to_svg(points[0][0], y)
+        parts.append(f'<text x="{left - 6}" y="{sy + 4}" text-anchor="end">{y:g}</text>')
+        parts.append(f'<line x1="{left}" y1="{sy}" x2="{width - right}" y2="{sy}" stroke="#ddd"/>')
+    if line:
+        _, sy = to_svg(points[0][0], line)
+        parts.append(f'<line x1="{left}" y1="{sy}" x2="{width - right}" y2="{sy}" stroke="#999" stroke-dasharray="4"/>')
+    for index, (name, values) in enumerate(series.items()):
+        colour = colours[index % len(colours)]
+        path = " ".join(f"{sx:.1f},{sy:.1f}" for sx, sy in (to_svg(x, y) for x, y in values))
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for sx, sy in (to_svg(x, y) for x, y in values):
+            parts.append(f'<circle cx="{sx:.1f}" cy="{sy:.1f}" r="3" fill="{colour}"/>')
+        parts.append(f'<text x="{width - right + 10}" y="{top + 16 + index * 18}" fill="{colour}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def write_plots(results: dict, directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    latency = {int(count): value for count, value in results["latency"].items()}  # JSON keys are text
+    counts = sorted(latency)
+    latency_series = {f"{target} {kind}": [(count, latency[count][target][f"{kind}_ms"]) for count in counts]
+                      for target in ("service", "raw") for kind in ("p50", "p99")}
+    capacity_series = {name: [(trial["runs"], trial["p99_ms"]) for trial in found["trials"]]
+                       for name, found in results["capacity"].items()}
+    written = []
+    for name, svg in (("bench-latency.svg", svg_plot("Delta latency against sockets on one thread", "sockets",
+                                                      "ms (log)", latency_series, log_x=True, log_y=True)),
+                      ("bench-capacity.svg", svg_plot(
+                          f"p99 latency against concurrent runs ({CAPACITY_RATE} deltas/s each, 2 sockets)",
+                          "concurrent runs", "p99 ms", capacity_series, line=CAPACITY_P99_MS))):
+        (directory / name).write_text(svg)
+        written.append(directory / name)
+    return written
+
+
 # ---------------------------------------------------------------- main
 
 async def bench(mode: dict, deflate: bool) -> dict:
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, client_cpus = (cpus[-1], set(cpus[:-1])) if len(cpus) > 1 else (None, set(cpus))
     os.sched_setaffinity(0, client_cpus)
-    tries, results = mode["tries"], {"throughput": {}, "latency": {}, "idle": {}}
-    clean_env = {key: value for key, value in os.environ.items() if not key.startswith(("JWT_", "OPENAI_"))}
+    tries, results = mode["tries"], {"throughput": {}, "latency": {}, "idle": {}, "capacity": {}, "seq_and_log": {}}
+    clean_env = {key: value for key, value in os.environ.items()
+                 if not key.startswith(("JWT_", "OPENAI_", "DATABASE_", "REDIS_"))}
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
-        service_env = clean_env | {"JWT_SECRET_KEY": SECRET, "ASSISTANTS_FILE": f"{workdir}/assistants.json",
-                                   "OPENAI_API_KEY": "offline"}
+        def service_env(model_url: str, name: str, **more) -> dict:
+            return clean_env | {"JWT_SECRET_KEY": SECRET, "ASSISTANTS_FILE": f"{workdir}/none.json",
+                                "DATABASE_URL": f"sqlite:///{workdir}/{name}.db", "OPENAI_API_KEY": "offline",
+                                "OPENAI_BASE_URL": f"{model_url}/v1", "MAX_SOCKETS_PER_USER": "100000",
+                                "MAX_RUNS_PER_USER": "100000", "MAX_THREADS_PER_USER": "100000"} | more
 
         @asynccontextmanager
-        async def servers(deflate: bool):
-            async with (serve("bench:make_model_app", clean_env, workdir, min(client_cpus), factory=True) as model,
-                        serve("main:app", service_env | {"OPENAI_BASE_URL": f"{model.url}/v1"}, workdir,
-                              server_cpu) as server,
+        async def servers(deflate: bool, target: str = "main:app", factory: bool = False):
+            async with (serve_model(min(client_cpus)) as model_url,
+                        serve(target, service_env(model_url, secrets.token_hex(4)), workdir, server_cpu,
+                              factory) as server,
                         serve("bench:raw_app", clean_env, workdir, server_cpu) as raw_server,
                         httpx2.AsyncClient(timeout=WAIT) as http):
-                yield ServiceTarget(server, model.url, http, deflate), RawTarget(raw_server, http, deflate)
+                yield ServiceTarget(server, model_url, http, deflate), RawTarget(raw_server, http, deflate)
 
         async with servers(deflate) as (service, raw):
             for target in (service, raw):  # warm-up: imports, connection pools, code paths
-                await fan_out(target, 2, 50, 0.0, keep_times=False)
+                await fan_out(target, 2, 50, 0.0, keep_latencies=False)
             for count in mode["fanout"]:
                 results["throughput"][count] = {target.name: await quietest(
                     tries, lambda: fan_out(target, count, mode["deltas"], 0.0, False)) for target in (service, raw)}
@@ -613,13 +1024,65 @@ async def bench(mode: dict, deflate: bool) -> dict:
             results["threads"] = await many_threads(service, mode["threads"], mode["runs_per_thread"],
                                                     mode["words_per_run"])
             progress("many threads")
+            results["overhead"] = await per_run_overhead(service, mode["overhead_runs"])
+            progress("per-run overhead")
+            for target in (service, raw):
+                results["capacity"][target.name] = await capacity(target, mode["capacity"], mode["capacity_seconds"])
+        async with servers(deflate, "bench:service_numbering_only", factory=True) as (without_log, _):
+            async with servers(deflate) as (with_log, _):
+                for target in (with_log, without_log):
+                    await fan_out(target, 2, 50, 0.0, keep_latencies=False)
+                pick = lambda result: {key: value for key, value in result.items() if key != "latencies"}
+                results["seq_and_log"]["throughput"] = {
+                    case: pick(await quietest(tries, lambda: fan_out(target, 100, mode["deltas"], 0.0, False)))
+                    for case, target in (("with", with_log), ("without", without_log))}
+                results["seq_and_log"]["latency"] = {
+                    case: pick(await quietest(tries, lambda: fan_out(target, 100, mode["paced"], mode["pace"], True)))
+                    for case, target in (("with", with_log), ("without", without_log))}
+        progress("seq and resume log")
         for compression, offered in (("deflate offered", True), ("no deflate", False)):
             # Fresh servers: memory that earlier runs freed would otherwise hide the sockets' cost.
             async with servers(offered) as (service, raw):
                 results["idle"][compression] = {target.name: await idle_cost(target, mode["idle"])
                                                 for target in (service, raw)}
             progress(f"idle sockets, {compression}")
+        if mode["redis"] and subprocess.run(["which", "redis-server"], capture_output=True).returncode == 0:
+            results["redis"] = await through_redis(mode, deflate, service_env, workdir, server_cpu, client_cpus)
     results["cpus"] = {"server": server_cpu, "clients": sorted(client_cpus)}
+    for values in results["latency"].values():
+        for result in values.values():
+            result.pop("latencies", None)
+    for values in results["throughput"].values():
+        for result in values.values():
+            result.pop("latencies", None)
+    return results
+
+
+async def through_redis(mode, deflate, service_env, workdir, server_cpu, client_cpus) -> dict:
+    """Fan-out at 100 sockets over two processes sharing one Redis, beside one process with the same Redis
+    (the runner's process pinned to the server CPU, the second one to the clients' CPU: this machine has two);
+    then the capacity of one process through Redis."""
+    results = {"throughput": {}, "latency": {}}
+    async with private_redis() as redis_url, serve_model(min(client_cpus)) as model_url, \
+            httpx2.AsyncClient(timeout=WAIT) as http:
+        env = service_env(model_url, "redis", REDIS_URL=redis_url)
+        async with serve("main:app", env, workdir, server_cpu) as first, \
+                serve("main:app", env, workdir, min(client_cpus)) as second:
+            one = ServiceTarget(first, model_url, http, deflate)
+            two = ServiceTarget(first, model_url, http, deflate, other_servers=(second,))
+            for target in (one, two):
+                await fan_out(target, 2, 50, 0.0, keep_latencies=False)
+            pick = lambda result: {key: value for key, value in result.items() if key != "latencies"}
+            results["throughput"] = {
+                name: pick(await quietest(mode["tries"], lambda: fan_out(target, 100, mode["deltas"], 0.0, False)))
+                for name, target in (("one process", one), ("two processes", two))}
+            results["latency"] = {
+                name: pick(await quietest(mode["tries"], lambda: fan_out(target, 100, mode["paced"], mode["pace"],
+                                                                        True)))
+                for name, target in (("one process", one), ("two processes", two))}
+            progress("through Redis: fan-out")
+            one.name = "service through Redis"
+            results["capacity"] = await capacity(one, mode["capacity"], mode["capacity_seconds"])
     return results
 
 
@@ -629,36 +1092,52 @@ def progress(step: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and tries; under a minute")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and tries")
     parser.add_argument("--json", metavar="PATH", help="also save the results as JSON")
+    parser.add_argument("--plots", metavar="DIR", help="also draw the latency and capacity plots (SVG) there")
     parser.add_argument("--no-deflate", action="store_true",
-                        help="clients do not offer permessage-deflate (sections 1-4 and 6)")
+                        help="clients do not offer permessage-deflate (sections 1-4, 6, 8-10)")
+    parser.add_argument("--plots-from", metavar="JSON", help="only draw the plots, from results saved by --json")
+    parser.add_argument("--model-port", type=int, help=argparse.SUPPRESS)  # runs the model (see serve_model)
     options = parser.parse_args()
+    if options.model_port:
+        return asyncio.run(StreamingModel().serve(options.model_port))
+    if options.plots_from:
+        for path in write_plots(json.loads(Path(options.plots_from).read_text()), Path(options.plots or "docs")):
+            print(f"plot: {path}")
+        return None
     mode_name = "quick" if options.quick else "full"
     mode = MODES[mode_name]
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the servers: 1 fd a socket each side
     started, busy_before = time.time(), machine_busy_seconds()
     results = asyncio.run(bench(mode, deflate=not options.no_deflate))
+    if "redis" in results:
+        results["capacity"]["service through Redis"] = results["redis"].pop("capacity")
     wall = time.time() - started
     ours = sum(getattr(resource.getrusage(who), part) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                for part in ("ru_utime", "ru_stime"))
     others = max(0.0, machine_busy_seconds() - busy_before - ours) / wall
     tries = f"best of {mode['tries']} tries (least CPU used by other processes)" if mode["tries"] > 1 else "one try"
     header = [
-        f"Gainz fan-out benchmark, {mode_name} mode, {wall:.0f} s. Machine: {os.cpu_count()} CPUs; server "
+        f"Gainz benchmark, {mode_name} mode, {wall:.0f} s. Machine: {os.cpu_count()} CPUs; server "
         f"pinned to CPU {results['cpus']['server']}, clients and model to {results['cpus']['clients']}; "
         f"other processes used {others:.2f} CPUs on average{' (figures are noisy)' if others > 0.1 else ''}.",
         f"Python {sys.version.split()[0]}, uvicorn {uvicorn.__version__} {' '.join(UVICORN_OPTIONS)} "
         f"({AutoHTTPProtocol.__name__}, {AutoWebSocketsProtocol.__name__}), websockets {websockets.__version__} "
-        f"clients (permessage-deflate {'not offered' if options.no_deflate else 'offered'}), fd limit {hard}; "
-        f"{tries} per figure; section 4: {max(2, mode['tries'])} pairs of tries, latencies pooled.",
+        f"clients (permessage-deflate {'not offered' if options.no_deflate else 'offered'}; section 7's clients "
+        f"never offer it), fd limit {hard}; {tries} per figure; section 4: {max(2, mode['tries'])} pairs of tries, "
+        f"latencies pooled; section 7: {mode['capacity_seconds']} s runs.",
         "Counted: text.delta frames; deltas by content (the hub merges a lagging socket's pending deltas). "
         "Latency: the model emitting a delta -> a socket receiving it.",
     ]
     print(report(results, mode, header))
     if options.json:
-        Path(options.json).write_text(json.dumps(results | {"mode": mode_name, "header": header}, indent=2))
+        Path(options.json).write_text(json.dumps(results | {"mode": mode_name, "header": header}, indent=2,
+                                                 default=str))
+    if options.plots:
+        for path in write_plots(results, Path(options.plots)):
+            print(f"plot: {path}")
 
 
 if __name__ == "__main__":
