@@ -563,7 +563,9 @@ class Store:
 
     async def list_assistants(self, sub: str, page: Page) -> Listing:
         async with self.db.reading() as tx:
-            listing = await self._page(tx, "assistants", "owner IN (?, ?)", (SHARED, sub), ("n",), "asc", page)
+            # The caller's own and the shared ones, less a shared one the caller's own namesake hides.
+            usable = "(owner = ? OR owner = ? AND name NOT IN (SELECT name FROM assistants WHERE owner = ?))"
+            listing = await self._page(tx, "assistants", usable, (sub, SHARED, sub), ("n",), "asc", page)
         listing.data = [Assistant.from_row(row) for row in listing.data]
         return listing
 

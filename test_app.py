@@ -322,6 +322,8 @@ def test_a_users_own_assistant_hides_the_shared_one_of_the_same_name_for_that_us
     assert own["id"] != shared["id"]
     assert client.get("/assistants/assistant", headers=auth("hider")).json() == own
     assert client.get("/assistants/assistant", headers=auth("bystander")).json() == shared
+    listed = client.get("/assistants", headers=auth("hider")).json()["data"]
+    assert [assistant["id"] for assistant in listed if assistant["name"] == "assistant"] == [own["id"]]
     # The default assistant of a message is looked up by name, so it is the user's own too.
     hiders = new_thread(client, auth, "hider")
     [reply] = post_message(client, auth, hiders["id"], "hider", content="who answers?").json()["replies"]

@@ -109,6 +109,8 @@ async def test_assistants_belong_to_their_owner_and_hide_a_shared_namesake(store
         await store.find_assistant("bob", mine.id)
     listed = await store.list_assistants("bob", Page())
     assert [assistant.id for assistant in listed.data] == [shared.id]
+    hidden = await store.list_assistants("alice", Page())
+    assert [assistant.id for assistant in hidden.data] == [mine.id]  # her own hides the shared namesake
 
 
 async def test_create_or_load_returns_the_existing_assistant_unchanged(store):
