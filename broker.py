@@ -187,14 +187,16 @@ class MemoryBroker:
     def _trim(self, now: float) -> None:
         """Drop the logs of threads idle past the window, then, over the bound in all, the idlest ones. A thread
         with a run in progress or listeners here keeps its counter (its seq goes on by one) and run record."""
-        for thread_id in list(self.logs):
-            log = self.logs[thread_id]
+        for _ in range(len(self.logs)):  # runs on every event: it looks at the front and, mostly, stops there
+            thread_id, log = next(iter(self.logs.items()))
             idle = now - log.last_event_at > self.window.seconds
             if not idle and self.logged <= self.window.events_in_all:
                 return
             self._forget_events(log)
             if log.active is None and thread_id not in self.watched:
                 del self.logs[thread_id]
+            else:
+                self.logs.move_to_end(thread_id)  # kept, and out of the way of the next event's look
 
     def signal(self, message: dict) -> None:
         self._on_signal(message)
