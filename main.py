@@ -351,7 +351,7 @@ async def until_runs_end(connection: Connection, submission: Submission, store: 
             raise (ServiceStopping() if closed.code == status.WS_1001_GOING_AWAY else NotFound("thread not found")) \
                 from None
         if frame is None or frame.type == "resync":
-            waiting -= {run.id for run in await store.runs(sorted(waiting)) if run.ended}
+            waiting -= await store.ended(waiting)
         elif frame.type in TERMINAL:
             waiting.discard(frame.run_id)
 
@@ -396,7 +396,7 @@ async def own_events(connection: Connection, submission: Submission, user: User,
         if frame is None:
             yield ": keep-alive\n\n"
             # Quiet for a while: an event may have been lost on the way (the broker was down).
-            waiting -= {run.id for run in await store.runs(sorted(waiting)) if run.ended}
+            waiting -= await store.ended(waiting)
             announced = announced or not waiting
         elif frame.type == "message.created" and not announced and frame.event.fields()["message"]["id"] == message_id:
             announced = True

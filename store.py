@@ -713,6 +713,10 @@ class Store:
                                 *run_ids)
         return [Run.from_row(row) for row in rows]
 
+    async def ended(self, run_ids: set[str]) -> set[str]:
+        """Those of the runs that have ended (asked when an event about them may have been lost)."""
+        return {run.id for run in await self.runs(sorted(run_ids)) if run.ended}
+
     async def messages(self, message_ids: list[str]) -> dict[str, dict]:
         if not message_ids:
             return {}
