@@ -254,7 +254,9 @@ class PostgresCursor(Cursor):
 
 class Postgres:
     engine = "postgresql"
-    PROCESS_LOCK_KEY = 0x6761696E7A  # "gainz": an advisory lock only this service takes
+    # Advisory locks only this service takes, one pair per schema: a schema is one service's database.
+    PROCESS_LOCK = 0x67616E7A  # "ganz"
+    MIGRATION_LOCK = 0x676D6967  # "gmig"
 
     def __init__(self, url: str, pool_size: int = 10):
         self.url = url
@@ -283,7 +285,8 @@ class Postgres:
     async def hold_process_lock(self) -> bool:
         """Whether this is the only process on the database: a session advisory lock, held until exit."""
         connection = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
-        row = await (await connection.execute("SELECT pg_try_advisory_lock(%s)", (self.PROCESS_LOCK_KEY,))).fetchone()
+        row = await (await connection.execute("SELECT pg_try_advisory_lock(%s, hashtext(current_schema()))",
+                                              (self.PROCESS_LOCK,))).fetchone()
         if not (row and row[0]):
             await connection.close()
             return False
@@ -470,9 +473,13 @@ class Store:
 
     async def migrate(self) -> None:
         async with self.db.transaction() as tx:
+            # Processes starting together on a fresh database take the steps once, one after the other: even
+            # CREATE TABLE IF NOT EXISTS races in PostgreSQL (both see no table, one fails on the catalog's
+            # unique index), so the first statement waits for a lock held to commit. SQLite's BEGIN IMMEDIATE
+            # already lets one writer in at a time.
+            if self.db.engine == "postgresql":
+                await tx.run("SELECT pg_advisory_xact_lock(?, hashtext(current_schema()))", Postgres.MIGRATION_LOCK)
             await tx.run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            if self.db.engine == "postgresql":  # processes starting together take the steps once
-                await tx.run("LOCK TABLE schema_version IN EXCLUSIVE MODE")
             row = await tx.one("SELECT version FROM schema_version")
             version = row["version"] if row else 0
             if version > len(MIGRATIONS):
