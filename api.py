@@ -197,6 +197,7 @@ class Message(Answer):
     assistant: AssistantRefOut | None = Field(None, description="replies: which assistant")
     run_id: str | None = Field(None, description="replies: the run that wrote it")
     cancelled: bool | None = Field(None, description="true on a reply cut short by a cancel")
+    failed: bool | None = Field(None, description="true on a reply cut short by an upstream failure")
 
 
 class RunError(Answer):

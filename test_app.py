@@ -35,6 +35,7 @@ from conftest import (
     serve_live,
 )
 from main import DEFAULT_INSTRUCTIONS, MAX_BODY_BYTES, create_app
+from offline_model import FAULTS_AFTER_TEXT
 
 SETTINGS = JWTSettings(secret=TEST_SECRET)  # the secret of conftest's `auth` fixture
 MISSING_THREAD = "thread_" + "0" * 24  # well formed, but no such thread
@@ -764,7 +765,13 @@ def test_a_message_whose_run_fails_is_still_stored_with_the_error(client, auth, 
     assert "Traceback" not in response.text
     turn = response.json()
     assert turn["message"]["content"] == "keep me"
-    assert turn["replies"] == []
+    # A run that failed after text streamed keeps that text, marked (contract v3); one that failed first has none.
+    partial = turn["replies"]
+    if fault in FAULTS_AFTER_TEXT:
+        [reply] = partial
+        assert reply["failed"] is True and reply["content"] and reply["assistant"]["name"] == "assistant"
+    else:
+        assert partial == []
     [error] = turn["errors"]
     assert set(error) == {"assistant", "code", "message"}
     assert error["assistant"]["name"] == "assistant"
@@ -772,7 +779,7 @@ def test_a_message_whose_run_fails_is_still_stored_with_the_error(client, auth, 
     assert error["message"]
     if code is not None:
         assert error["code"] == code
-    assert messages(client, auth, thread["id"]) == [turn["message"]]
+    assert messages(client, auth, thread["id"]) == [turn["message"], *partial]
     rerun = client.post(f"/threads/{thread['id']}/runs", headers=auth("alice"))
     assert rerun.status_code == 200
     assert rerun.json()["errors"] == []
@@ -791,7 +798,8 @@ def test_runs_that_all_fail_answer_with_the_upstream_status_and_the_next_run_wor
     assert_error(response, status_code)
     if fault == "rate_limited":
         assert int(response.headers["retry-after"]) >= 1
-    assert messages(client, auth, thread["id"]) == []
+    kept = messages(client, auth, thread["id"])  # what streamed before the failure, marked
+    assert [message.get("failed") for message in kept] == ([True] if fault in FAULTS_AFTER_TEXT else [])
     again = client.post(f"/threads/{thread['id']}/runs", headers=auth("alice"))
     assert again.status_code == 200
     assert again.json()["errors"] == []
