@@ -557,10 +557,10 @@ THREAD_ROUTES = [  # (method, path after /threads/{id}, JSON body): every thread
 ]
 
 
-@pytest.mark.parametrize("missing", [MISSING_THREAD, "%2E%2E", "%00", "a" * 300, "x.y", "%20", "%C3%A9t%C3%A9",
+# An id with a NUL in it is refused as bad input (400) before any lookup: test_hostile.py.
+@pytest.mark.parametrize("missing", [MISSING_THREAD, "%2E%2E", "a" * 300, "x.y", "%20", "%C3%A9t%C3%A9",
                                      "null", "thread_%27%20OR%20%271%27%3D%271"],
-                         ids=["well formed", "dot dot", "nul", "300 chars", "dotted", "space", "non-ascii", "null",
-                              "sql"])
+                         ids=["well formed", "dot dot", "300 chars", "dotted", "space", "non-ascii", "null", "sql"])
 def test_a_foreign_thread_looks_exactly_like_a_missing_one(client, auth, missing):
     thread = new_thread(client, auth, members=["bob"])
     model = client.app.state.offline_model
