@@ -6,6 +6,7 @@ order, limits, cancels, a process dying mid-run and Redis restarting mid-stream.
 import asyncio
 import json
 import re
+import secrets
 import signal
 import subprocess
 
@@ -187,6 +188,59 @@ async def test_two_processes_on_postgresql_behave_as_one_service(servers, postgr
     assert len(texts) == 6
     for ws in sockets:
         await ws.close()
+
+
+@pytest.fixture
+def new_postgres_database():
+    """new_postgres_database() -> the URL of a PostgreSQL database created empty now; all dropped at the end."""
+    import psycopg
+
+    from conftest import POSTGRES_URL, reachable
+
+    require(reachable("127.0.0.1", 5432), "PostgreSQL (127.0.0.1:5432)")
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"gainz_fresh_{secrets.token_hex(4)}"
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        made.append(name)
+        return POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+
+    yield make
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
+        for name in made:
+            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def every_worker_started(server, workers: int) -> None:
+    await until(lambda: asyncio.sleep(0, server.log().count("Application startup complete.") >= workers), 60)
+    assert server.process.poll() is None, server.log()
+
+
+async def test_processes_starting_together_on_brand_new_databases_migrate_them_once(
+        servers, new_postgres_database, redis_url, tmp_path, http):
+    """Both workers used to run the first migration at once: one died on the catalog's unique index and
+    the service exited 3."""
+    starts = [("--workers 2", shared_env(new_postgres_database(), redis_url)) for _ in range(4)]
+    starts += [("two hosts", shared_env(new_postgres_database(), redis_url)),
+               ("--workers 2", shared_env(f"sqlite:///{tmp_path}/fresh.db", redis_url))]
+    for how, env in starts:
+        if how == "two hosts":
+            both = [await servers(env, wait=False), await servers(env, wait=False)]
+            for server in both:
+                await server.ready(timeout=60)
+                await every_worker_started(server, 1)
+        else:
+            both = [await servers(env, args=("--workers", "2"), wait=False)]
+            await both[0].ready(timeout=60)
+            await every_worker_started(both[0], 2)
+        for server in both:
+            log = server.log()
+            assert "Traceback" not in log and "UniqueViolation" not in log, log
+            created = await http.post(f"{server.url}/threads", json={"title": how}, headers=bearer("alice"))
+            assert created.status_code == 201, created.text
+            server.stop()
 
 
 def seen(frames: list[dict]) -> tuple[list, dict]:
