@@ -35,6 +35,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import openapi
 from api import (
+    NUL_REFUSED,
     CancelFrame,
     Frame,
     ListQuery,
@@ -195,6 +196,15 @@ async def parsed(request: Request, model: type[Body], optional: bool = False) ->
         raise bad_request(describe(error)) from None
 
 
+def path_param(request: Request | WebSocket, name: str) -> str:
+    """A part of the path, as text every database can store (the ASGI server has already replaced what is
+    not UTF-8, lone surrogates included)."""
+    value = request.path_params[name]
+    if "\x00" in value:
+        raise bad_request(f"{name}: {NUL_REFUSED}")
+    return value
+
+
 def page_of(request: Request) -> Page:
     try:
         query = ListQuery.model_validate(dict(request.query_params))
@@ -245,12 +255,12 @@ async def create_assistant(request: Request) -> JSONResponse:
 
 
 async def get_assistant(request: Request) -> JSONResponse:
-    assistant = await state(request).store.find_assistant(request.user.sub, request.path_params["assistant"])
+    assistant = await state(request).store.find_assistant(request.user.sub, path_param(request, "assistant"))
     return JSONResponse(assistant.as_json())
 
 
 async def delete_assistant(request: Request) -> Response:
-    await state(request).store.delete_assistant(request.user.sub, request.path_params["assistant"])
+    await state(request).store.delete_assistant(request.user.sub, path_param(request, "assistant"))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -266,7 +276,7 @@ async def create_thread(request: Request) -> JSONResponse:
 
 
 async def visible_thread(request: Request | WebSocket):
-    return await state(request).store.visible_thread(request.path_params["thread_id"], request.user.sub)
+    return await state(request).store.visible_thread(path_param(request, "thread_id"), request.user.sub)
 
 
 async def owned_thread(request: Request):
@@ -435,7 +445,7 @@ def resume_point(value: str | None) -> int | None:
 
 async def cancel_run(request: Request) -> JSONResponse:
     thread = await visible_thread(request)
-    run = await cancel(state(request), thread.id, request.path_params["run_id"], request.user.sub)
+    run = await cancel(state(request), thread.id, path_param(request, "run_id"), request.user.sub)
     return JSONResponse({"run_id": run.id, "status": run.status}, status.HTTP_202_ACCEPTED)
 
 
