@@ -401,3 +401,50 @@ async def test_a_reply_longer_than_a_backlog_reaches_every_client_whole(servers,
     assert reply_of((await sse)[2:]) == (ending, length, True)  # after thread.joined, message.created
     assert answer.status_code == 201, answer.text
     assert [len(reply["content"]) for reply in answer.json()["replies"]] == [length]
+
+
+async def test_a_connection_answered_while_its_body_trickles_in_is_closed(shared):
+    """No token, a body of 100,000,000 bytes declared and a byte sent now and then: answered 401, then
+    closed, however long the client would go on."""
+    connections = [await raw_connection(shared) for _ in range(5)]
+
+    async def trickle(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"POST /threads HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000000\r\n\r\n{")
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await writer.drain()
+                await asyncio.sleep(0.5)
+                writer.write(b" ")
+
+    trickling = [asyncio.create_task(trickle(writer)) for _, writer in connections]
+    try:
+        started = time.monotonic()
+        for reader, _ in connections:
+            answer = await asyncio.wait_for(reader.read(), timeout=10)  # to the end: the server closed it
+            assert answer.startswith(b"HTTP/1.1 401"), answer
+        assert time.monotonic() - started < 5
+    finally:
+        for task in trickling:
+            task.cancel()
+        for _, writer in connections:
+            writer.close()
+
+
+async def test_out_of_file_descriptors_the_connections_waiting_are_closed_and_logged_once(servers):
+    server = await servers(env={"REQUEST_HEAD_TIMEOUT": "60"}, open_files=100)
+    connections = [await raw_connection(server) for _ in range(150)]  # the first ones stay, idle
+    ended = [asyncio.create_task(reader.read()) for reader, _ in connections]
+    await asyncio.wait(ended, timeout=5)
+    turned_away = sum(task.done() and task.result() == b"" for task in ended)
+    for task in ended:
+        task.cancel()
+    for _, writer in connections:
+        writer.close()
+    async with httpx2.AsyncClient(base_url=server.url, timeout=10) as http:  # served again once some close
+        assert (await http.get("/health")).status_code == 200
+    log = server.log()
+    assert turned_away >= 30, log[-2000:]
+    assert log.count("cannot accept connections: [Errno 24] Too many open files") == 1, log[-2000:]
+    assert log.count("Too many open files") == 1
+    assert "Traceback" not in log
