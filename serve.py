@@ -8,6 +8,8 @@ What it adds (an option given on the command line wins over its default here):
   previous response on a kept-alive connection; uvicorn itself waits forever (slowloris);
 - a connection answered while its request body is still arriving is closed (uvicorn keeps it for as
   long as the client trickles the body in);
+- a connection whose client reads nothing of its answer (an event stream, mostly) for
+  WRITE_TIMEOUT_SECONDS (30) is dropped, and the app sees the client leave;
 - a WebSocket client that floods pings without reading the pongs stops being read once the pongs it
   left unread pass the transport's buffer (uvicorn would queue them without bound), and one sending
   over MAX_PINGS_PER_SECOND (100) is dropped;
@@ -36,6 +38,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 REQUEST_HEAD_TIMEOUT = float(os.environ.get("REQUEST_HEAD_TIMEOUT") or 5)
+WRITE_TIMEOUT_SECONDS = float(os.environ.get("WRITE_TIMEOUT_SECONDS") or 30)
 MAX_PINGS_PER_SECOND = 100  # a keepalive needs a few a minute
 ACCEPT_ERROR_LOG_SECONDS = 10
 UVICORN_DEFAULTS = [
@@ -51,9 +54,12 @@ UVICORN_DEFAULTS = [
 
 class GuardedHTTP(H11Protocol):
     """HTTP/1.1 (h11) that closes a connection whose request head is not complete in time, or whose
-    answer went out before its request body had all arrived."""
+    answer went out before its request body had all arrived, and drops one whose client has read nothing
+    for WRITE_TIMEOUT_SECONDS while its answer waits: an event stream would otherwise wait forever to
+    write, holding its user's socket slot. Dropped, not closed: closing waits for the answer to go out."""
 
     _head_timer = None
+    _write_timer = None
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -86,6 +92,7 @@ class GuardedHTTP(H11Protocol):
 
     def handle_websocket_upgrade(self, event) -> None:
         self._cancel_head_timer()
+        self._cancel_write_timer()
         super().handle_websocket_upgrade(event)
 
     def on_response_complete(self) -> None:
@@ -96,8 +103,34 @@ class GuardedHTTP(H11Protocol):
         super().on_response_complete()
         self._watch_for_a_head()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._expect_writes(self.transport.get_write_buffer_size())
+
+    def _expect_writes(self, unsent: int) -> None:
+        # Progress, not completion: a client reading a long answer slowly empties the buffer a little at a time.
+        def check() -> None:
+            if (left := self.transport.get_write_buffer_size()) < unsent:
+                self._expect_writes(left)
+            else:
+                self._write_timer = None
+                self.transport.abort()
+
+        self._write_timer = self.loop.call_later(WRITE_TIMEOUT_SECONDS, check)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_write_timer()
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
+        self._cancel_write_timer()
         super().connection_lost(exc)
 
 

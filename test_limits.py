@@ -448,3 +448,51 @@ async def test_out_of_file_descriptors_the_connections_waiting_are_closed_and_lo
     assert log.count("cannot accept connections: [Errno 24] Too many open files") == 1, log[-2000:]
     assert log.count("Too many open files") == 1
     assert "Traceback" not in log
+
+
+def stuck_event_stream(server, thread_id: str, sub: str) -> socket.socket:
+    """GET /threads/{id}/events over a socket that is never read, its buffers kept small (see raw_websocket)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(f"GET /threads/{thread_id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 f"{SETTINGS.mint(sub)}\r\n\r\n".encode())
+    return sock
+
+
+def closed_by_the_server(sock: socket.socket) -> bool:
+    """Reads what is left; True once the server has ended the connection."""
+    sock.settimeout(10)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_an_event_stream_that_is_not_read_is_closed_and_gives_its_slot_back(servers, thread_of_alice):
+    server = await servers(env={"MAX_SOCKETS_PER_USER": "1", "WRITE_TIMEOUT_SECONDS": "1"})
+    thread_id = await thread_of_alice(server, "stuck")
+    stuck = await asyncio.to_thread(stuck_event_stream, server, thread_id, "stuck")
+    async with httpx2.AsyncClient(base_url=server.url, timeout=30) as http:
+
+        async def another_stream() -> int:
+            async with http.stream("GET", f"/threads/{thread_id}/events", headers=bearer("stuck")) as response:
+                return response.status_code
+
+        assert await another_stream() == 429  # the stuck one holds the user's one slot
+        started = time.monotonic()
+        for _ in range(40):  # some 1.3 MB of events that the stuck stream never reads
+            answer = await http.post(f"/threads/{thread_id}/messages", json={"content": "z" * 32_000, "run": False},
+                                     headers=bearer("stuck"))
+            assert answer.status_code == 201
+        while await another_stream() != 200:
+            assert time.monotonic() - started < 20, "the slot was not given back"
+            await asyncio.sleep(0.1)
+    assert await asyncio.to_thread(closed_by_the_server, stuck)
+    stuck.close()
+    assert "Traceback" not in server.log()
