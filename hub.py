@@ -3,8 +3,9 @@
 A listener is a WebSocket, an event stream (SSE) or a request waiting for its runs. Each has its own
 bounded backlog, so delivering an event only appends and returns. A listener that falls behind has
 its pending `text.delta` frames of one run merged into one (nothing is dropped); past the bound it
-is closed. The broker hands the hub each thread's events in `seq` order, from whichever process
-published them; the hub knows nothing of where they came from.
+is closed; a run's final event never counts against the bound. The broker hands the hub each
+thread's events in `seq` order, from whichever process published them; the hub knows nothing of
+where they came from.
 """
 
 import asyncio
@@ -18,13 +19,21 @@ from starlette import status
 from starlette.websockets import WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
-from broker import Broker, Event, encode
+from broker import TERMINAL, Broker, Event, encode
 
 log = logging.getLogger("gainz")
 
 SLOW_CONSUMER_CLOSE_CODE = status.WS_1013_TRY_AGAIN_LATER
 CLIENT_GONE = (WebSocketDisconnect, ClientDisconnected, OSError)  # a client that left mid-send: nothing to report
 MAX_BACKLOG_CHARS = 512 * 1024
+
+
+def counted(event: Event) -> int:
+    """The characters an event counts against a listener's bound. A run's final event counts none: it
+    carries the whole reply, so counting it would close a client that kept up with a long reply just as
+    the reply ends. A client that does not keep up is closed by the run's deltas, which count, and the
+    final event's text is encoded once for every listener, so holding it costs each only a reference."""
+    return 0 if event.type in TERMINAL else len(event.text)
 
 
 class TooManySockets(Exception):
@@ -50,7 +59,7 @@ class Frame:
         self.event = event
         self.deltas: list[str] | None = None  # once a later delta of the same run was merged in
         self.seq = event.seq
-        self.size = len(event.text)
+        self.size = counted(event)
 
     @property
     def type(self) -> str:
@@ -107,7 +116,7 @@ class Connection:
             return True
         if self.floor is None:
             self.held.append(event)
-            self.held_chars += len(event.text)
+            self.held_chars += counted(event)
             return self.held_chars <= self.max_backlog_chars
         if event.seq <= self.floor:
             return True

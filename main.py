@@ -81,6 +81,7 @@ WS_REMOVED_FROM_THREAD = 4403
 WS_THREAD_DELETED = 4404
 SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent for long
 RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost
+RUN_POLL_SECONDS = 0.5  # ... and this often once it no longer hears the thread's events
 SEVERAL_PROCESSES = """\
 Another process is already serving {database}. Several processes (uvicorn --workers, or several hosts)
 must share their live events and limits: set REDIS_URL (for example REDIS_URL=redis://127.0.0.1:6379/0)
@@ -357,9 +358,15 @@ async def until_runs_end(connection: Connection, submission: Submission, store: 
     while waiting:
         try:
             frame = await connection.get(within=RUN_CHECK_SECONDS)
-        except Closed as closed:  # the service is stopping (its runs wait in the store), or the thread was deleted
-            raise (ServiceStopping() if closed.code == status.WS_1001_GOING_AWAY else NotFound("thread not found")) \
-                from None
+        except Closed as closed:
+            if closed.code == WS_THREAD_DELETED:
+                raise NotFound("thread not found") from None
+            if closed.code == status.WS_1001_GOING_AWAY:  # its runs wait in the store for the next process
+                raise ServiceStopping() from None
+            while waiting:  # closed for another reason (too far behind, its user removed): the runs go on
+                await asyncio.sleep(RUN_POLL_SECONDS)
+                waiting -= await store.ended(waiting)
+            return
         if frame is None or frame.type == "resync":
             waiting -= await store.ended(waiting)
         elif frame.type in TERMINAL:

@@ -836,6 +836,22 @@ async def test_deleting_a_thread_mid_run_closes_its_sockets_and_stops_its_run(sl
     assert (await slow.http.get(f"/threads/{thread_id}/messages", headers=auth("alice"))).status_code == 404
 
 
+async def test_a_member_removed_while_waiting_for_their_run_still_gets_its_answer(slow, auth, join):
+    """Their listener on the thread is closed with 4403, but the message and its run were accepted: the
+    answer comes from the store, never a 404 for a thread that still exists."""
+    thread_id = await slow.new_thread(auth, members=["bob"])
+    alice, _ = await join(slow, thread_id, "alice")
+    post = asyncio.create_task(slow.http.post(f"/threads/{thread_id}/messages", json={"content": LONG},
+                                              headers=auth("bob")))
+    await frames_until(alice, "text.delta", count=3)
+    changed = await slow.http.patch(f"/threads/{thread_id}", json={"members": []}, headers=auth("alice"))
+    assert changed.status_code == 200
+    answer = await post
+    assert answer.status_code == 201, answer.text
+    completed = (await frames_until(alice, "run.completed"))[-1]
+    assert answer.json()["replies"] == [completed["message"]]
+
+
 # ---------------------------------------------------------------- limits and bounds
 
 async def test_a_user_past_the_socket_limit_is_refused_with_429_until_one_closes(make_app, auth, join):
