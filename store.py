@@ -560,27 +560,36 @@ class Store:
         return Assistant.from_row(row), created
 
     async def find_assistant(self, sub: str, ref: str) -> Assistant:
-        """By id or name among the caller's own and the shared ones; the caller's own hides a shared namesake."""
+        """By id or name among the caller's own and the shared ones: see `_resolve_assistant`."""
         async with self.db.reading() as tx:
-            row = await tx.one("SELECT * FROM assistants WHERE owner IN (?, ?) AND (id = ? OR name = ?) "
-                               "ORDER BY id = ? DESC, owner = ? ASC LIMIT 1", SHARED, sub, ref, ref, ref, SHARED)
+            return Assistant.from_row(await self._resolve_assistant(tx, sub, ref))
+
+    @staticmethod
+    async def _resolve_assistant(tx: Cursor, sub: str, ref: str) -> dict:
+        """The one rule for every route that names an assistant: an id means its assistant; a name means the
+        caller's own, else the shared one. The 404 never quotes `ref`: a client's text goes back to no one."""
+        row = await tx.one("SELECT * FROM assistants WHERE owner IN (?, ?) AND (id = ? OR name = ?) "
+                           "ORDER BY id = ? DESC, owner = ? ASC LIMIT 1", SHARED, sub, ref, ref, ref, SHARED)
         if row is None:
-            raise NotFound(f"unknown assistant: {ref!r}")
-        return Assistant.from_row(row)
+            raise NotFound("assistant not found")
+        return row
 
     async def list_assistants(self, sub: str, page: Page) -> Listing:
         async with self.db.reading() as tx:
             # The caller's own and the shared ones, less a shared one the caller's own namesake hides.
             usable = "(owner = ? OR owner = ? AND name NOT IN (SELECT name FROM assistants WHERE owner = ?))"
-            listing = await self._page(tx, "assistants", usable, (sub, SHARED, sub), ("n",), "asc", page)
+            listing = await self._page(tx, "assistants", usable, (sub, SHARED, sub), ("n",), "asc", page,
+                                       "LENGTH(instructions)")
         listing.data = [Assistant.from_row(row) for row in listing.data]
         return listing
 
     async def delete_assistant(self, sub: str, ref: str) -> None:
+        """The caller's own; a shared one is 404 to them, as anyone else's is."""
         async with self.db.transaction() as tx:
-            deleted = await tx.run("DELETE FROM assistants WHERE owner = ? AND (id = ? OR name = ?)", sub, ref, ref)
-        if not deleted:
-            raise NotFound(f"unknown assistant: {ref!r}")
+            row = await self._resolve_assistant(tx, sub, ref)
+            if row["owner"] != sub:
+                raise NotFound("assistant not found")
+            await tx.run("DELETE FROM assistants WHERE id = ?", row["id"])
 
     # ------------------------------------------------------------ threads
 

@@ -358,6 +358,33 @@ def test_only_ones_own_assistant_can_be_deleted(client, auth):
     assert client.get("/assistants/precious", headers=auth("keeper")).json() == theirs
 
 
+def test_an_id_means_its_assistant_and_a_name_the_callers_own_to_get_delete_and_runs_alike(client, auth):
+    shared = client.get("/assistants/assistant", headers=auth("namesake")).json()
+    decoy = create_assistant(client, auth, "namesake", shared["id"], instructions="Named like the shared one's id.")
+    assert client.get(f"/assistants/{shared['id']}", headers=auth("namesake")).json() == shared
+    thread = new_thread(client, auth, "namesake")
+    answer = post_message(client, auth, thread["id"], "namesake", content="who?", assistant=shared["id"])
+    [reply] = answer.json()["replies"]
+    assert reply["assistant"]["id"] == shared["id"]
+    # The same reference, deleted: the shared assistant, which no user may delete; the decoy stays.
+    assert_error(client.delete(f"/assistants/{shared['id']}", headers=auth("namesake")), 404)
+    assert client.get(f"/assistants/{decoy['id']}", headers=auth("namesake")).json() == decoy
+    assert client.delete(f"/assistants/{decoy['id']}", headers=auth("namesake")).status_code == 204
+    assert client.get(f"/assistants/{shared['id']}", headers=auth("namesake")).json() == shared
+
+
+@pytest.mark.parametrize("ref", ["nobody", "<img src=x onerror=alert(1)>", "asst_" + "0" * 24, "x" * 120])
+def test_a_404_for_an_assistant_never_quotes_the_reference(client, auth, ref):
+    thread = new_thread(client, auth, "quoter")
+    for response in (client.get(f"/assistants/{ref}", headers=auth("quoter")),
+                     client.delete(f"/assistants/{ref}", headers=auth("quoter")),
+                     post_message(client, auth, thread["id"], "quoter", content="hi", assistant=ref),
+                     client.post(f"/threads/{thread['id']}/runs", json={"assistants": ["assistant", ref]},
+                                 headers=auth("quoter"))):
+        assert assert_error(response, 404) == "assistant not found"
+        assert ref not in response.text
+
+
 def test_a_user_may_own_only_so_many_assistants(make_app, auth):
     with TestClient(make_app(max_assistants_per_user=2)) as capped:
         first = create_assistant(capped, auth, "alice", "one")
@@ -682,8 +709,8 @@ def untouched(client) -> str:
 
 
 @pytest.mark.parametrize(("body", "status_code", "words", "field"), [
-    ({"content": "hi", "assistant": "nobody"}, 404, ["nobody"], None),
-    ({"content": "hi", "assistants": ["assistant", "nobody"]}, 404, ["nobody"], None),
+    ({"content": "hi", "assistant": "nobody"}, 404, ["assistant not found"], None),
+    ({"content": "hi", "assistants": ["assistant", "nobody"]}, 404, ["assistant not found"], None),
     ({}, 400, ["required"], "content"),
     ({"content": ""}, 400, [], "content"),
     ({"content": " \n\t"}, 400, ["blank"], "content"),
