@@ -34,6 +34,7 @@ SHARED = ""  # the owner of shared assistants: no token's sub is empty
 TITLE_CHARS = 80
 RUN_STATES = ("queued", "active", "completed", "failed", "cancelled")
 PENDING = ("queued", "active")
+CONNECT_TIMEOUT_SECONDS = 5
 
 # Step N brings a database from version N-1 to N. `{serial}` is each engine's auto-numbered key.
 MIGRATIONS = [
@@ -95,6 +96,10 @@ class Conflict(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+
+class DatabaseUnreachable(Exception):
+    """The database refused or did not answer the first connection: the reason, in one line."""
 
 
 class LeaseLost(Exception):
@@ -265,6 +270,13 @@ class Postgres:
         self._lock_connection: psycopg.AsyncConnection | None = None
 
     async def open(self) -> None:
+        # One connection first: refused or unreachable, say so at once (the pool would retry for its timeout).
+        try:
+            probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+        except psycopg.OperationalError as error:
+            reason = " ".join(str(error).split())
+            raise DatabaseUnreachable(f"PostgreSQL is unreachable: {reason}") from None
+        await probe.close()
         await self._pool.open(wait=True, timeout=10)
 
     async def close(self) -> None:

@@ -142,6 +142,46 @@ async def replies_count(http, server, thread_id, count):
     return replies if len(replies) >= count else None
 
 
+# ---------------------------------------------------------------- start-up
+
+NO_DEMO_TOKENS = '<script id="demo-tokens" type="application/json">null</script>'
+
+
+async def test_demo_sign_in_is_for_a_browser_on_this_machine_never_through_forwarded_headers(servers, tmp_path,
+                                                                                             http):
+    """uvicorn with --forwarded-allow-ips '*' takes the client's address from X-Forwarded-For: anyone
+    could claim to be 127.0.0.1. Demo tokens go only to a request that names no forwarded client."""
+    dev = await servers({"JWT_SECRET_KEY": "", "DATABASE_URL": f"sqlite:///{tmp_path}/dev.db"},
+                        args=("--forwarded-allow-ips", "*"))
+    direct = (await http.get(f"{dev.url}/")).text
+    tokens = json.loads(re.search(r'<script id="demo-tokens" type="application/json">(.*?)</script>', direct)[1])
+    signed_in = await http.get(f"{dev.url}/threads", headers={"Authorization": f"Bearer {tokens['alice']}"})
+    assert signed_in.status_code == 200
+    for forwarded in ({"X-Forwarded-For": "127.0.0.1"}, {"X-Forwarded-For": "203.0.113.7, 127.0.0.1"},
+                      {"Forwarded": "for=127.0.0.1"}, {"X-Real-IP": "::1"}):
+        page = await http.get(f"{dev.url}/", headers=forwarded)
+        assert page.status_code == 200
+        assert NO_DEMO_TOKENS in page.text, forwarded
+        assert "eyJ" not in page.text
+    assert len(re.findall(r"Demo sign-in is on", dev.log())) == 1
+    secured = await servers({"DATABASE_URL": f"sqlite:///{tmp_path}/secured.db"}, args=("--forwarded-allow-ips", "*"))
+    assert NO_DEMO_TOKENS in (await http.get(f"{secured.url}/")).text
+    assert len(re.findall(r"Demo sign-in is off: JWT_SECRET_KEY is set", secured.log())) == 1
+
+
+async def test_postgresql_unreachable_at_start_is_one_line_at_once(servers):
+    port = free_port()  # nothing listens there
+    started = asyncio.get_running_loop().time()
+    server = await servers({"DATABASE_URL": f"postgresql://postgres:secret@127.0.0.1:{port}/test"}, wait=False)
+    assert await asyncio.to_thread(server.process.wait, 60) == 3
+    assert asyncio.get_running_loop().time() - started < 9  # the pool would have tried for 10 s
+    log = server.log()
+    assert "Traceback" not in log
+    [line] = [line for line in log.splitlines() if "PostgreSQL" in line]
+    assert "unreachable" in line and "Connection refused" in line and str(port) in line
+    assert "secret" not in log
+
+
 # ---------------------------------------------------------------- several processes
 
 async def test_several_processes_without_redis_are_refused_with_what_to_set(servers, tmp_path, postgres_url):
