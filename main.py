@@ -107,6 +107,9 @@ class Config:
     max_sockets_per_user: int = 20
     max_assistants_per_user: int = 100
     max_threads_per_user: int = 1000
+    messages_per_minute: int = 60
+    message_burst: int = 10
+    max_page_chars: int = 1024 * 1024
     context_chars: int = 60_000
     run_lease_seconds: float = 10.0
     shutdown_grace_seconds: float = 10.0
@@ -118,7 +121,8 @@ class Config:
 
     def __post_init__(self):
         counts = ("max_waiting_runs", "max_runs_per_user", "max_sockets_per_user", "max_assistants_per_user",
-                  "max_threads_per_user", "resume_events", "resume_log_events")
+                  "max_threads_per_user", "resume_events", "resume_log_events", "messages_per_minute", "message_burst",
+                  "max_page_chars")
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
@@ -157,7 +161,9 @@ class Config:
     @property
     def limits(self) -> Limits:
         return Limits(waiting_runs_per_thread=self.max_waiting_runs, runs_per_user=self.max_runs_per_user,
-                      assistants_per_user=self.max_assistants_per_user, threads_per_user=self.max_threads_per_user)
+                      assistants_per_user=self.max_assistants_per_user, threads_per_user=self.max_threads_per_user,
+                      messages_per_minute=self.messages_per_minute, message_burst=self.message_burst,
+                      page_chars=self.max_page_chars)
 
     @property
     def resume_window(self) -> ResumeWindow:
@@ -508,8 +514,9 @@ async def serve_socket(websocket: WebSocket, connection: Connection, user: User,
 
 
 async def read_frames(websocket: WebSocket, connection: Connection, thread_id: str, sub: str, app) -> None:
-    def reply_error(code: str, message: str) -> None:
-        connection.note({"type": "error", "error": {"code": code, "message": message}})
+    def reply_error(code: str, message: str, retry_after: float | None = None) -> None:
+        error = {"code": code, "message": message} | ({"retry_after": retry_after} if retry_after else {})
+        connection.note({"type": "error", "error": error})
 
     while True:
         message = await websocket.receive()
@@ -538,7 +545,7 @@ async def read_frames(websocket: WebSocket, connection: Connection, thread_id: s
         except Conflict as error:
             reply_error("conflict", error.message)
         except LimitReached as error:
-            reply_error("limit_reached", error.message)
+            reply_error("limit_reached", error.message, error.retry_after)
         except ServiceStopping as error:
             reply_error("unavailable", error.message)
 

@@ -776,6 +776,47 @@ def test_messages_list_oldest_first_in_pages(client, auth):
         "data": [stored[2], stored[1]], "has_more": True}
 
 
+def test_a_page_of_long_messages_ends_at_a_mebibyte_of_content_with_has_more(make_app, auth, database_url):
+    """The attack: 2,368 messages of 32 KB, read back with limit=1000, was a 31 MB answer."""
+    long = "x" * MAX_CONTENT_CHARS
+    with TestClient(make_app(database_url=database_url)) as fresh:
+        thread = new_thread(fresh, auth)
+        stored = [post_message(fresh, auth, thread["id"], content=f"{n:02d}{long[2:]}", run=False).json()["message"]
+                  for n in range(40)]
+        path = f"/threads/{thread['id']}/messages"
+        # The page stops after the message that reaches 1 MiB: 33 of 32,000 characters.
+        response = fresh.get(path, params={"limit": 1000}, headers=auth("alice"))
+        assert len(response.content) < 1.1 * 1024 * 1024
+        assert response.json() == {"data": stored[:33], "has_more": True}
+        assert listing(fresh, auth, path, limit=1000, after=stored[32]["id"]) == {"data": stored[33:],
+                                                                                   "has_more": False}
+        assert listing(fresh, auth, path, limit=1000, order="desc") == {"data": stored[:6:-1], "has_more": True}
+        assert listing(fresh, auth, path, limit=1000, before=stored[39]["id"]) == {"data": stored[6:39],
+                                                                                    "has_more": True}
+        assert listing(fresh, auth, path, limit=7) == {"data": stored[:7], "has_more": True}  # the count still holds
+
+
+def test_a_page_always_holds_one_item_however_low_its_bound(make_app, auth, database_url):
+    with TestClient(make_app(database_url=database_url, max_page_chars=10)) as fresh:
+        thread = new_thread(fresh, auth, title="a title over the bound")
+        stored = [post_message(fresh, auth, thread["id"], content=f"message number {n}", run=False).json()["message"]
+                  for n in range(3)]
+        path, after, pages = f"/threads/{thread['id']}/messages", None, []
+        while True:
+            page = listing(fresh, auth, path, **({"after": after} if after else {}))
+            pages.append(page["data"])
+            if not page["has_more"]:
+                break
+            after = page["data"][-1]["id"]
+        assert pages == [[message] for message in stored]
+        own = create_assistant(fresh, auth, "alice", "wordy", instructions="Say a great deal.")
+        first = listing(fresh, auth, "/assistants")
+        assert first["has_more"] and len(first["data"]) == 1
+        assert listing(fresh, auth, "/assistants", after=first["data"][0]["id"]) == {"data": [own], "has_more": False}
+        second = new_thread(fresh, auth, title="another title")
+        assert listing(fresh, auth, "/threads") == {"data": [second], "has_more": True}
+
+
 # ---------------------------------------------------------------- upstream failures
 
 @pytest.mark.parametrize(("fault", "code"), [

@@ -245,6 +245,25 @@ def seen(frames: list[dict]) -> tuple[list, dict]:
 
 
 
+async def test_the_message_rate_holds_across_processes(servers, postgres_url, redis_url, http):
+    # One a minute after a burst of five: no message is given back while the test runs.
+    env = shared_env(postgres_url, redis_url, MESSAGES_PER_MINUTE=1, MESSAGE_BURST=5)
+    one, two = await servers(env), await servers(env)
+    thread_id = (await http.post(f"{one.url}/threads", headers=bearer("flooder"))).json()["id"]
+    answers = await asyncio.gather(*(http.post(f"{server.url}/threads/{thread_id}/messages",
+                                               json={"content": "again", "run": False}, headers=bearer("flooder"))
+                                     for server in (one, two) * 10))
+    statuses = [answer.status_code for answer in answers]
+    assert statuses.count(201) == 5  # each process alone would have let five in
+    assert statuses.count(429) == 15
+    assert all(int(answer.headers["retry-after"]) >= 1 for answer in answers if answer.status_code == 429)
+    assert len(await messages(http, one, thread_id, bearer("flooder"))) == 5
+    # The rate is the flooder's alone.
+    theirs = (await http.post(f"{two.url}/threads", headers=bearer("bystander"))).json()["id"]
+    assert (await http.post(f"{two.url}/threads/{theirs}/messages", json={"content": "me", "run": False},
+                            headers=bearer("bystander"))).status_code == 201
+
+
 async def test_three_workers_on_sqlite_count_sockets_and_limits_service_wide(servers, tmp_path, redis_url, http):
     env = shared_env(f"sqlite:///{tmp_path}/gainz.db", redis_url, MAX_SOCKETS_PER_USER=4)
     workers = await servers(env, args=("--workers", "3"))
