@@ -70,10 +70,15 @@ def auth(jwt_settings):
     return lambda sub: {"Authorization": f"Bearer {jwt_settings.mint(sub)}"}
 
 
+# Tests post far faster than a person: the message rate is tested where it is set on purpose.
+TEST_MESSAGE_RATE = {"messages_per_minute": 60_000, "message_burst": 1000}
+
+
 def config_for(directory: Path, **overrides) -> Config:
-    """Fast offline tokens, a database of its own, no shared-assistants file; `overrides` on top."""
+    """Fast offline tokens, a database of its own, no shared-assistants file, a message rate no test reaches
+    by accident; `overrides` on top."""
     config = Config(database_url=f"sqlite:///{directory}/gainz.db", assistants_file=directory / "assistants.json",
-                    offline_token_delay=0.002)
+                    offline_token_delay=0.002, **TEST_MESSAGE_RATE)
     return dataclasses.replace(config, **overrides)
 
 
@@ -290,8 +295,8 @@ class ServerProcess:
         self.log_path = workdir / f"server-{self.port}.log"
         clean = {key: value for key, value in os.environ.items()
                  if not key.startswith(("JWT_", "OPENAI_", "DATABASE_", "REDIS_", "CI"))}
-        self.env = clean | {"JWT_SECRET_KEY": TEST_SECRET, "OFFLINE_TOKEN_DELAY": "0.002",
-                            "PYTHONPATH": str(REPO)} | env
+        self.env = clean | {"JWT_SECRET_KEY": TEST_SECRET, "OFFLINE_TOKEN_DELAY": "0.002", "PYTHONPATH": str(REPO),
+                            **{name.upper(): str(value) for name, value in TEST_MESSAGE_RATE.items()}} | env
         self.args = args
         self.process: subprocess.Popen | None = None
 

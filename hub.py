@@ -181,6 +181,7 @@ class Hub:
         self.max_backlog_chars = max_backlog_chars
         self.threads: dict[str, set[Connection]] = {}
         self._slots = itertools.count()
+        self.closed_with: int | None = None  # once close_all: every listener that joins later is closed so too
 
     @contextlib.asynccontextmanager
     async def joined(self, thread_id: str, sub: str, after: int | None = None, socket_limit: int | None = None,
@@ -209,6 +210,8 @@ class Hub:
                 first.append(self.resync_event(thread_id, catch_up.seq))
             first += catch_up.missed or []
             connection.start(catch_up.seq, first)
+            if self.closed_with is not None:  # joined while the service stops: its server would close it with 1012
+                connection.close(self.closed_with)
             yield connection
         finally:
             connection.close(status.WS_1000_NORMAL_CLOSURE)
@@ -265,6 +268,7 @@ class Hub:
     def close_all(self, code: int) -> list[asyncio.Task]:
         """Close every listener with `code`; returns the tasks serving them, each done once it has sent its
         client the close (a socket's close frame, an event stream's end, a waiting request's answer)."""
+        self.closed_with = code
         connections = [connection for listeners in self.threads.values() for connection in listeners]
         for connection in connections:
             self.drop(connection, code)

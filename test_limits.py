@@ -496,3 +496,36 @@ async def test_an_event_stream_that_is_not_read_is_closed_and_gives_its_slot_bac
     assert await asyncio.to_thread(closed_by_the_server, stuck)
     stuck.close()
     assert "Traceback" not in server.log()
+
+
+async def test_one_user_cannot_store_messages_faster_than_the_message_rate(servers, thread_of_alice):
+    """The attack: one token posting messages of 32 KB as fast as it can (2,368 in 12 s, before). At the
+    default rate, 60 a minute after a burst of 10, the rest are refused with 429 and Retry-After, over REST
+    and over the socket alike; another user is served meanwhile."""
+    server = await servers({"MESSAGES_PER_MINUTE": "", "MESSAGE_BURST": ""})  # unset: the defaults
+    thread_id = await thread_of_alice(server, "flooder")
+    body = {"content": "f" * 32_000, "run": False}
+    async with httpx2.AsyncClient(base_url=server.url, timeout=30) as http, Bystander(server):
+        started = time.monotonic()
+        answers = await asyncio.gather(*(http.post(f"/threads/{thread_id}/messages", json=body,
+                                                   headers=bearer("flooder")) for _ in range(60)))
+        async with connect(f"{server.url.replace('http', 'ws', 1)}/threads/{thread_id}/ws",
+                           additional_headers=bearer("flooder")) as ws:
+            await next_frame(ws)
+            for _ in range(20):  # as many as the REST ones: whatever the second has given back is spent at once
+                await ws.send(json.dumps({"type": "message", "content": "and over the socket?"}))
+            refusal = await frames_until(ws, "error")
+        seconds = time.monotonic() - started
+        stored = (await http.get(f"/threads/{thread_id}/messages", params={"limit": 1000},
+                                 headers=bearer("flooder"))).json()["data"]
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) == {201, 429}
+    assert 10 <= statuses.count(201) <= 10 + seconds + 1  # the burst, then one a second
+    assert sum(message["content"] == body["content"] for message in stored) == statuses.count(201)
+    for answer in answers:
+        if answer.status_code == 429:
+            assert "60 messages a minute" in answer.json()["detail"]
+            assert 1 <= int(answer.headers["retry-after"]) <= 60
+    error = refusal[-1]["error"]
+    assert error["code"] == "limit_reached"
+    assert 1 <= error["retry_after"] <= 60

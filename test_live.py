@@ -1024,6 +1024,30 @@ async def test_on_sigterm_every_socket_is_sent_1001_before_uvicorn_shuts_its_con
         assert [await close_code(ws) for ws in sockets] == [1001] * 3
 
 
+async def test_a_socket_opened_once_the_service_has_closed_its_sockets_gets_1001_too(
+        make_app, auth, jwt_settings, monkeypatch):
+    """Between the service's stop() and uvicorn's shutdown of its connections, a handshake may still be
+    accepted: that socket is told 1001 (going away) as the others were, not left for uvicorn's 1012."""
+    stops = []
+
+    @contextlib.contextmanager
+    def keep_stop(stop):
+        stops.append(stop)
+        yield
+
+    monkeypatch.setattr(main, "stop_gracefully_on_signals", keep_stop)
+    monkeypatch.setattr(TrackedWebSockets, "made", [])
+    async with serve_live(make_app(), ws=TrackedWebSockets) as server:
+        thread_id = await server.new_thread(auth)
+        await stops[0]()
+        async with connect(server.socket_url(thread_id), additional_headers=bearer(jwt_settings.mint("alice")),
+                           close_timeout=1) as late:
+            await eventually(lambda: late.close_code is not None)  # the service's own close, if any, comes first
+            for connection in TrackedWebSockets.made:
+                connection.shutdown()
+            assert await close_code(late) == 1001
+
+
 @pytest.mark.parametrize("mid_run", [False, True], ids=["idle", "mid_run"])
 async def test_sigterm_lets_the_run_finish_then_closes_sockets_with_1001_and_the_server_exits(
         servers, jwt_settings, mid_run):
