@@ -94,7 +94,8 @@ async def test_threads_messages_assistants_and_tokens_survive_a_restart(servers,
 
 
 async def test_a_run_cut_off_by_kill_9_runs_again_at_the_next_start_and_ends_exactly_once(servers, tmp_path, http):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/gainz.db", "OFFLINE_TOKEN_DELAY": "0.05"}
+    # A short lease: the next start waits for the dead process's lease to run out before it takes the run.
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/gainz.db", "OFFLINE_TOKEN_DELAY": "0.05", "RUN_LEASE_SECONDS": "3"}
     first = await servers(env)
     thread_id = (await http.post(f"{first.url}/threads", headers=bearer("alice"))).json()["id"]
     ws, _ = await socket_on(first, thread_id, bearer("alice"))
