@@ -23,6 +23,7 @@ from api import (
     NewAssistant,
     NewMessage,
     NewThread,
+    NotReady,
     RunRequest,
     Runs,
     Thread,
@@ -49,8 +50,8 @@ SERVER_SENT_EVENT = {"type": "object", "required": ["id", "event", "data"], "des
                      "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"}, "event": {"type": "string"},
                                     "data": {"type": "string", "contentMediaType": "application/json"}}}
 EVENT_STREAM = {"text/event-stream": {"schema": SERVER_SENT_EVENT}}
-CONTENT_SCHEMAS = {"text/html": {"type": "string"}, "application/json": {"type": "object"},
-                   "text/event-stream": SERVER_SENT_EVENT}
+CONTENT_SCHEMAS = {"text/html": {"type": "string"}, "text/plain": {"type": "string"},
+                   "application/json": {"type": "object"}, "text/event-stream": SERVER_SENT_EVENT}
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,14 @@ class Operation:
 RUNS = (400, 404, 413, 429, 502, 503, 504)
 OPERATIONS = {
     ("GET", "/health"): Operation("Is the service up", {200: Health}, public=True),
+    ("GET", "/ready"): Operation("Do the database (and Redis, where configured) answer", {200: Health, 503: NotReady},
+                                 public=True),
+    ("GET", "/metrics"): Operation("This process's metrics, in Prometheus's text format", {200: None}, public=True,
+                                   content_type="text/plain"),
     ("GET", "/"): Operation("The demo page", {200: None}, public=True, content_type="text/html"),
     ("GET", "/openapi.json"): Operation("This document", {200: None}, public=True, content_type="application/json"),
+    ("GET", "/docs"): Operation("This document, to read and try in a browser", {200: None}, public=True,
+                                content_type="text/html"),
     ("GET", "/assistants"): Operation("The assistants the caller may use (shared and own), oldest first",
                                       {200: AssistantList}, listing=True, errors=(400,)),
     ("POST", "/assistants"): Operation("Create the caller's assistant, or load it by name (never modified)",
@@ -181,6 +188,27 @@ def _operation(method: str, path: str, operation: Operation, refs: dict) -> dict
     described["responses"] = answers
     described["security"] = [] if operation.public else [{"bearer": []}]
     return described
+
+
+# Swagger UI, from the files the service serves at /docs/ (swagger-ui-bundle-v2). validatorUrl null: it would
+# otherwise send the document to Swagger's public validator.
+INTERACTIVE_PAGE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Gainz OpenAI Backend: API</title>
+  <link rel="stylesheet" href="docs/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="docs/swagger-ui-bundle.js"></script>
+  <script>
+    SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", validatorUrl: null, persistAuthorization: true});
+  </script>
+</body>
+</html>
+"""
 
 
 def _without_null(schema: dict) -> dict:

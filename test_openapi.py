@@ -171,7 +171,7 @@ def test_every_operation_that_declares_bearer_security_answers_401_without_a_tok
 
 def test_the_public_operations_declare_no_security_and_answer_without_a_token(server, document):
     public = [(method, path) for method, path, _ in operations(document) if (method, path) in PUBLIC_ROUTES]
-    assert sorted(public) == sorted(PUBLIC_ROUTES)
+    assert sorted(public) == sorted(route for route in PUBLIC_ROUTES if not route[1].endswith("/*"))  # not /docs/*
     for method, path, operation in operations(document):
         if (method, path) in PUBLIC_ROUTES:
             assert operation.get("security") == [], (method, path)
