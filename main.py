@@ -265,7 +265,8 @@ async def demo_page(request: Request) -> HTMLResponse:
 
 
 async def openapi_document(request: Request) -> JSONResponse:
-    return JSONResponse(state(request).openapi)
+    # The server is the one asked: a client that imports the document (Postman) sends its requests there.
+    return JSONResponse(state(request).openapi | {"servers": [{"url": str(request.base_url).rstrip("/")}]})
 
 
 async def list_assistants(request: Request) -> JSONResponse:
