@@ -176,6 +176,11 @@ class Health(Answer):
     status: Literal["ok"]
 
 
+class NotReady(Answer):
+    status: Literal["unavailable"]
+    down: list[Literal["database", "redis"]] = Field(description="what did not answer")
+
+
 class AssistantRefOut(Answer):
     id: str
     name: str

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import openai
 from dotenv import load_dotenv
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette import status
 from starlette.applications import Starlette
@@ -31,8 +32,10 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from swagger_ui_bundle import swagger_ui_path
 
 import openapi
 from api import (
@@ -48,10 +51,11 @@ from api import (
     ThreadChange,
     describe,
 )
-from assistants import Engine, ServiceStopping, ThreadEvents, UpstreamError, UpstreamRateLimited, UpstreamTimeout
+from assistants import Engine, ServiceStopping, UpstreamError, UpstreamRateLimited, UpstreamTimeout
 from auth import JWT_SECRET_SETTING, JWTAuthMiddleware, JWTSettings, User, demo_tokens_banner, generate_secret
 from broker import TERMINAL, BrokerUnavailable, ResumeWindow, broker_for
 from hub import Closed, Connection, Hub, TooManySockets
+from metrics import MeasuredEvents, Metrics
 from offline_model import OfflineModel, serve_on_loopback
 from store import (
     DEFAULT_DATABASE_URL,
@@ -74,7 +78,8 @@ Body = TypeVar("Body", bound=BaseModel)
 DEMO_PAGE = Path(__file__).resolve().parent / "demo.html"
 DEMO_TOKENS_SLOT = '<script id="demo-tokens" type="application/json">null</script>'
 FORWARDING_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip", b"x-forwarded-host"})
-PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/openapi.json")})
+PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/"),
+                           ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/*")})
 DEFAULT_ASSISTANT = "assistant"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant."
 MAX_BODY_BYTES = 256 * 1024
@@ -85,6 +90,7 @@ WS_THREAD_DELETED = 4404
 SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent for long
 RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost
 RUN_POLL_SECONDS = 0.5  # ... and this often once it no longer hears the thread's events
+READY_CHECK_SECONDS = 3  # a database or Redis slower than this to answer SELECT 1 or PING is as good as down
 SEVERAL_PROCESSES = """\
 Another process is already serving {database}. Several processes (uvicorn --workers, or several hosts)
 must share their live events and limits: set REDIS_URL (for example REDIS_URL=redis://127.0.0.1:6379/0)
@@ -237,6 +243,36 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+async def ready(request: Request) -> JSONResponse:
+    """200 when the database (and Redis, where configured) answer; 503 naming those that do not."""
+    app = state(request)
+    checks = {"database": app.store.check()}
+    if app.config.redis_url:
+        checks["redis"] = app.broker.ping()
+    answered = await asyncio.gather(*map(answers, checks.values()))
+    if down := [name for name, up in zip(checks, answered, strict=True) if not up]:
+        return JSONResponse({"status": "unavailable", "down": down}, status.HTTP_503_SERVICE_UNAVAILABLE)
+    return JSONResponse({"status": "ok"})
+
+
+async def answers(check) -> bool:
+    try:
+        async with asyncio.timeout(READY_CHECK_SECONDS):
+            await check
+    except Exception as error:
+        log.warning("readiness: %s", error or type(error).__name__)
+        return False
+    return True
+
+
+async def metrics_page(request: Request) -> Response:
+    return Response(generate_latest(state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def docs_page(request: Request) -> HTMLResponse:
+    return HTMLResponse(openapi.INTERACTIVE_PAGE)
+
+
 async def demo_page(request: Request) -> HTMLResponse:
     """The demo page. In dev mode (no JWT_SECRET_KEY), to a browser on this machine, it comes with alice's
     and bob's tokens, as the start-up log does; never to another host."""
@@ -270,7 +306,8 @@ def is_loopback(host: str) -> bool:
 
 
 async def openapi_document(request: Request) -> JSONResponse:
-    return JSONResponse(state(request).openapi)
+    # The server is the one asked: a client that imports the document (Postman) sends its requests there.
+    return JSONResponse(state(request).openapi | {"servers": [{"url": str(request.base_url).rstrip("/")}]})
 
 
 async def list_assistants(request: Request) -> JSONResponse:
@@ -502,7 +539,8 @@ async def thread_socket(websocket: WebSocket) -> None:
         after = resume_point(websocket.query_params.get("after"))
         async with app.hub.joined(thread.id, user.sub, after=after,
                                   socket_limit=app.config.max_sockets_per_user) as connection:
-            close_code = await serve_socket(websocket, connection, user, app)
+            with app.metrics.sockets_open.track_inprogress():
+                close_code = await serve_socket(websocket, connection, user, app)
     except (NotFound, TooManySockets, BrokerUnavailable, HTTPException) as error:  # before the handshake is accepted
         return await websocket.send_denial_response(await handle_error(websocket, error))
     if close_code is not None:
@@ -562,6 +600,7 @@ async def read_frames(websocket: WebSocket, connection: Connection, thread_id: s
         except Conflict as error:
             reply_error("conflict", error.message)
         except LimitReached as error:
+            app.metrics.limit_hit(thread_socket)
             reply_error("limit_reached", error.message, error.retry_after)
         except ServiceStopping as error:
             reply_error("unavailable", error.message)
@@ -588,6 +627,7 @@ async def handle_error(request: Request | WebSocket, error: Exception) -> Respon
     if isinstance(error, Conflict):
         return error_response(status.HTTP_409_CONFLICT, error.message)
     if isinstance(error, (LimitReached, TooManySockets)):
+        state(request).metrics.limit_hit(request.scope.get("endpoint"))
         return error_response(status.HTTP_429_TOO_MANY_REQUESTS, error.message,
                               retry_after(getattr(error, "retry_after", None)))
     if isinstance(error, (ServiceStopping, BrokerUnavailable)):
@@ -724,7 +764,7 @@ async def lifespan(app: Starlette):
                                       item.get("instructions") or "", item.get("id"), update=True)
 
         hub = Hub(broker)
-        engine = Engine(client, store, ThreadEvents(broker.publish), broker.process_id,
+        engine = Engine(client, store, MeasuredEvents(broker.publish, app.state.metrics), broker.process_id,
                         context_chars=config.context_chars, lease_seconds=config.run_lease_seconds)
 
         def on_signal(message: dict) -> None:
@@ -737,7 +777,7 @@ async def lifespan(app: Starlette):
             elif kind == "members.removed":
                 hub.close_thread(message["thread_id"], WS_REMOVED_FROM_THREAD, set(message["subs"]))
 
-        await broker.open(hub.deliver, on_signal, hub.resync)
+        await broker.open(app.state.metrics.delivering(hub), on_signal, hub.resync)
         stack.push_async_callback(broker.close)
         log.info("Database: %s; live events: %s", redacted_url(config.database_url),
                  redacted_url(config.redis_url) if config.redis_url else "this process only (no REDIS_URL)")
@@ -774,8 +814,12 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+            Route("/metrics", metrics_page, methods=["GET"]),
             Route("/", demo_page, methods=["GET"]),
             Route("/openapi.json", openapi_document, methods=["GET"]),
+            Route("/docs", docs_page, methods=["GET"]),
+            Mount("/docs", StaticFiles(directory=swagger_ui_path), name="docs_assets"),
             Route("/assistants", list_assistants, methods=["GET"]),
             Route("/assistants", create_assistant, methods=["POST"]),
             Route("/assistants/{assistant}", get_assistant, methods=["GET"]),
@@ -800,6 +844,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
     )
     app.state.config = config
     app.state.jwt = jwt_settings
+    app.state.metrics = Metrics()
     app.state.openapi = openapi.document(app.routes, VERSION)
     app.state.demo_page = DEMO_PAGE.read_text()
     return app
