@@ -6,6 +6,7 @@ streams, token by token, to every socket on its thread.
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -57,6 +58,7 @@ from store import (
     DEFAULT_DATABASE_URL,
     BadPage,
     Conflict,
+    DatabaseUnreachable,
     LimitReached,
     Limits,
     NotFound,
@@ -72,6 +74,7 @@ Body = TypeVar("Body", bound=BaseModel)
 
 DEMO_PAGE = Path(__file__).resolve().parent / "demo.html"
 DEMO_TOKENS_SLOT = '<script id="demo-tokens" type="application/json">null</script>'
+FORWARDING_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip", b"x-forwarded-host"})
 PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/openapi.json")})
 DEFAULT_ASSISTANT = "assistant"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant."
@@ -82,6 +85,7 @@ WS_REMOVED_FROM_THREAD = 4403
 WS_THREAD_DELETED = 4404
 SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent for long
 RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost
+RUN_POLL_SECONDS = 0.5  # ... and this often once it no longer hears the thread's events
 SEVERAL_PROCESSES = """\
 Another process is already serving {database}. Several processes (uvicorn --workers, or several hosts)
 must share their live events and limits: set REDIS_URL (for example REDIS_URL=redis://127.0.0.1:6379/0)
@@ -108,6 +112,9 @@ class Config:
     max_threads_per_user: int = 1000
     max_rounds: int = 5
     socket_slot_seconds: float = 30.0
+    messages_per_minute: int = 60
+    message_burst: int = 10
+    max_page_chars: int = 1024 * 1024
     context_chars: int = 60_000
     run_lease_seconds: float = 10.0
     shutdown_grace_seconds: float = 10.0
@@ -119,7 +126,8 @@ class Config:
 
     def __post_init__(self):
         counts = ("max_waiting_runs", "max_runs_per_user", "max_sockets_per_user", "max_assistants_per_user",
-                  "max_threads_per_user", "max_rounds", "resume_events", "resume_log_events")
+                  "max_threads_per_user", "max_rounds", "resume_events", "resume_log_events", "messages_per_minute",
+                  "message_burst", "max_page_chars")
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
@@ -159,7 +167,9 @@ class Config:
     @property
     def limits(self) -> Limits:
         return Limits(waiting_runs_per_thread=self.max_waiting_runs, runs_per_user=self.max_runs_per_user,
-                      assistants_per_user=self.max_assistants_per_user, threads_per_user=self.max_threads_per_user)
+                      assistants_per_user=self.max_assistants_per_user, threads_per_user=self.max_threads_per_user,
+                      messages_per_minute=self.messages_per_minute, message_burst=self.message_burst,
+                      page_chars=self.max_page_chars)
 
     @property
     def resume_window(self) -> ResumeWindow:
@@ -239,10 +249,31 @@ async def demo_page(request: Request) -> HTMLResponse:
     and bob's tokens, as the start-up log does; never to another host."""
     page = state(request).demo_page
     jwt_settings = state(request).jwt
-    if jwt_settings.secret_is_generated and request.client and request.client.host in ("127.0.0.1", "::1"):
+    if jwt_settings.secret_is_generated and straight_from_this_machine(request.scope):
         tokens = json.dumps({sub: jwt_settings.mint(sub) for sub in ("alice", "bob")})
         page = page.replace(DEMO_TOKENS_SLOT, DEMO_TOKENS_SLOT.replace(">null<", f">{tokens}<"))
     return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+
+def straight_from_this_machine(scope) -> bool:
+    """Whether the connection came from this machine, with no proxy in between. A request that names a
+    forwarded client came through a proxy, whatever it says; without such a header, `client` is the peer
+    as the socket has it (a proxy-headers middleware rewrites it only from X-Forwarded-For), and
+    `server`, the address the connection reached, is never rewritten: a remote peer cannot reach loopback."""
+    if any(name in FORWARDING_HEADERS for name, _ in scope["headers"]):
+        return False
+    return all(address is not None and is_loopback(address[0]) for address in (scope.get("client"),
+                                                                                scope.get("server")))
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 async def openapi_document(request: Request) -> JSONResponse:
@@ -364,9 +395,15 @@ async def until_runs_end(connection: Connection, submission: Submission, store: 
     while waiting:
         try:
             frame = await connection.get(within=RUN_CHECK_SECONDS)
-        except Closed as closed:  # the service is stopping (its runs wait in the store), or the thread was deleted
-            raise (ServiceStopping() if closed.code == status.WS_1001_GOING_AWAY else NotFound("thread not found")) \
-                from None
+        except Closed as closed:
+            if closed.code == WS_THREAD_DELETED:
+                raise NotFound("thread not found") from None
+            if closed.code == status.WS_1001_GOING_AWAY:  # its runs wait in the store for the next process
+                raise ServiceStopping() from None
+            while waiting:  # closed for another reason (too far behind, its user removed): the runs go on
+                await asyncio.sleep(RUN_POLL_SECONDS)
+                waiting -= await store.ended(waiting)
+            return
         if frame is None or frame.type == "resync":
             waiting -= await store.ended(waiting)
         elif frame.type in TERMINAL:
@@ -508,8 +545,9 @@ async def serve_socket(websocket: WebSocket, connection: Connection, user: User,
 
 
 async def read_frames(websocket: WebSocket, connection: Connection, thread_id: str, sub: str, app) -> None:
-    def reply_error(code: str, message: str) -> None:
-        connection.note({"type": "error", "error": {"code": code, "message": message}})
+    def reply_error(code: str, message: str, retry_after: float | None = None) -> None:
+        error = {"code": code, "message": message} | ({"retry_after": retry_after} if retry_after else {})
+        connection.note({"type": "error", "error": error})
 
     while True:
         message = await websocket.receive()
@@ -542,7 +580,7 @@ async def read_frames(websocket: WebSocket, connection: Connection, thread_id: s
         except Conflict as error:
             reply_error("conflict", error.message)
         except LimitReached as error:
-            reply_error("limit_reached", error.message)
+            reply_error("limit_reached", error.message, error.retry_after)
         except ServiceStopping as error:
             reply_error("unavailable", error.message)
 
@@ -666,7 +704,10 @@ async def lifespan(app: Starlette):
     config: Config = app.state.config
     async with contextlib.AsyncExitStack() as stack:
         store = Store(database_for(config.database_url), config.limits)
-        await store.open()
+        try:
+            await store.open()
+        except DatabaseUnreachable as error:
+            raise StartupRefused(f"{error} ({redacted_url(config.database_url)})") from None
         stack.push_async_callback(store.close)
         broker = broker_for(config.redis_url, config.resume_window, config.redis_prefix, config.socket_slot_seconds)
         if not broker.shared_across_processes() and not await store.db.hold_process_lock():
@@ -674,6 +715,11 @@ async def lifespan(app: Starlette):
         if app.state.jwt is None:
             secret, _ = await store.setting(JWT_SECRET_SETTING, generate_secret)
             app.state.jwt = JWTSettings.from_env(config.environ, generated_secret=secret)
+        if app.state.jwt.secret_is_generated:
+            log.warning("Demo sign-in is on (no JWT_SECRET_KEY): the page at / hands alice's and bob's tokens to a "
+                        "browser on this machine, never through a proxy; set JWT_SECRET_KEY to turn it off")
+        else:
+            log.info("Demo sign-in is off: JWT_SECRET_KEY is set")
 
         api_key, base_url = config.openai_api_key, config.openai_base_url
         if not api_key and not base_url:

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import math
 import os
 import secrets
 import sqlite3
@@ -34,6 +35,7 @@ SHARED = ""  # the owner of shared assistants: no token's sub is empty
 TITLE_CHARS = 80
 RUN_STATES = ("queued", "active", "completed", "failed", "cancelled")
 PENDING = ("queued", "active")
+CONNECT_TIMEOUT_SECONDS = 5
 
 # Step N brings a database from version N-1 to N. `{serial}` is each engine's auto-numbered key.
 MIGRATIONS = [
@@ -68,6 +70,10 @@ MIGRATIONS = [
     # A reply cut short by an upstream failure is kept, marked, as a cancelled one is.
     """
     ALTER TABLE messages ADD COLUMN failed BOOLEAN NOT NULL DEFAULT FALSE;
+    """,
+    # A user's message allowance (see Store._spend_message_allowance): when the next message would be due.
+    """
+    ALTER TABLE users ADD COLUMN messages_due DOUBLE PRECISION NOT NULL DEFAULT 0;
     """,
     # Assistants in rounds: which request a run came from (its first run's id), and in which round.
     """
@@ -104,6 +110,10 @@ class Conflict(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+
+class DatabaseUnreachable(Exception):
+    """The database refused or did not answer the first connection: the reason, in one line."""
 
 
 class LeaseLost(Exception):
@@ -274,6 +284,13 @@ class Postgres:
         self._lock_connection: psycopg.AsyncConnection | None = None
 
     async def open(self) -> None:
+        # One connection first: refused or unreachable, say so at once (the pool would retry for its timeout).
+        try:
+            probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+        except psycopg.OperationalError as error:
+            reason = " ".join(str(error).split())
+            raise DatabaseUnreachable(f"PostgreSQL is unreachable: {reason}") from None
+        await probe.close()
         await self._pool.open(wait=True, timeout=10)
 
     async def close(self) -> None:
@@ -455,6 +472,9 @@ class Limits:
     runs_per_user: int = 16
     assistants_per_user: int = 100
     threads_per_user: int = 1000
+    messages_per_minute: int = 60
+    message_burst: int = 10
+    page_chars: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -514,9 +534,10 @@ class Store:
         return row["value"], bool(made)
 
     async def _page(self, tx: Cursor, source: str, where: str, params: tuple, keys: tuple[str, ...],
-                    default_order: str, page: Page, columns: str = "*") -> Listing:
+                    default_order: str, page: Page, size: str) -> Listing:
         """One page by keyset on `keys` (the last one unique). `after`/`before` are item ids, looked up in
-        the same visible set: an id outside it is refused like an unknown one."""
+        the same visible set: an id outside it is refused like an unknown one. `size` is an item's
+        characters: the page ends after the item that reaches `page_chars` (so it always has one)."""
         order = page.order or default_order
         key_list = ", ".join(keys)
         bounds, bound_params = [], []
@@ -532,10 +553,18 @@ class Store:
         # Only `before`: read backwards from it, then turn the page around.
         backwards = page.before is not None and page.after is None
         direction = {"asc": "ASC", "desc": "DESC"}[order if not backwards else ("desc" if order == "asc" else "asc")]
-        sql = (f"SELECT {columns} FROM {source} WHERE {' AND '.join([where, *bounds])} "
-               f"ORDER BY {', '.join(f'{key} {direction}' for key in keys)} LIMIT ?")
-        rows = await tx.all(sql, *params, *bound_params, page.limit + 1)
-        listing = Listing(rows[:page.limit], len(rows) > page.limit)
+        ordered = ", ".join(f"{key} {direction}" for key in keys)
+        size_of = f"({size})"
+        counted = (f"SELECT *, SUM({size_of}) OVER (ORDER BY {ordered}) AS page_chars, COUNT(*) OVER () AS page_rows "
+                   f"FROM (SELECT * FROM {source} WHERE {' AND '.join([where, *bounds])} ORDER BY {ordered} LIMIT ?) "
+                   "AS candidates")
+        # The rows travel only as far as the database: those past the page's characters are cut off there.
+        rows = await tx.all(f"SELECT * FROM ({counted}) AS counted WHERE page_chars - {size_of} < ? ORDER BY {ordered}",
+                            *params, *bound_params, page.limit + 1, self.limits.page_chars)
+        candidates = rows[0]["page_rows"] if rows else 0
+        for row in rows:
+            del row["page_chars"], row["page_rows"]
+        listing = Listing(rows[:page.limit], len(rows) > page.limit or len(rows) < candidates)
         if backwards:
             listing.data.reverse()
         return listing
@@ -572,27 +601,36 @@ class Store:
         return Assistant.from_row(row), created
 
     async def find_assistant(self, sub: str, ref: str) -> Assistant:
-        """By id or name among the caller's own and the shared ones; the caller's own hides a shared namesake."""
+        """By id or name among the caller's own and the shared ones: see `_resolve_assistant`."""
         async with self.db.reading() as tx:
-            row = await tx.one("SELECT * FROM assistants WHERE owner IN (?, ?) AND (id = ? OR name = ?) "
-                               "ORDER BY id = ? DESC, owner = ? ASC LIMIT 1", SHARED, sub, ref, ref, ref, SHARED)
+            return Assistant.from_row(await self._resolve_assistant(tx, sub, ref))
+
+    @staticmethod
+    async def _resolve_assistant(tx: Cursor, sub: str, ref: str) -> dict:
+        """The one rule for every route that names an assistant: an id means its assistant; a name means the
+        caller's own, else the shared one. The 404 never quotes `ref`: a client's text goes back to no one."""
+        row = await tx.one("SELECT * FROM assistants WHERE owner IN (?, ?) AND (id = ? OR name = ?) "
+                           "ORDER BY id = ? DESC, owner = ? ASC LIMIT 1", SHARED, sub, ref, ref, ref, SHARED)
         if row is None:
-            raise NotFound(f"unknown assistant: {ref!r}")
-        return Assistant.from_row(row)
+            raise NotFound("assistant not found")
+        return row
 
     async def list_assistants(self, sub: str, page: Page) -> Listing:
         async with self.db.reading() as tx:
             # The caller's own and the shared ones, less a shared one the caller's own namesake hides.
             usable = "(owner = ? OR owner = ? AND name NOT IN (SELECT name FROM assistants WHERE owner = ?))"
-            listing = await self._page(tx, "assistants", usable, (sub, SHARED, sub), ("n",), "asc", page)
+            listing = await self._page(tx, "assistants", usable, (sub, SHARED, sub), ("n",), "asc", page,
+                                       "LENGTH(instructions)")
         listing.data = [Assistant.from_row(row) for row in listing.data]
         return listing
 
     async def delete_assistant(self, sub: str, ref: str) -> None:
+        """The caller's own; a shared one is 404 to them, as anyone else's is."""
         async with self.db.transaction() as tx:
-            deleted = await tx.run("DELETE FROM assistants WHERE owner = ? AND (id = ? OR name = ?)", sub, ref, ref)
-        if not deleted:
-            raise NotFound(f"unknown assistant: {ref!r}")
+            row = await self._resolve_assistant(tx, sub, ref)
+            if row["owner"] != sub:
+                raise NotFound("assistant not found")
+            await tx.run("DELETE FROM assistants WHERE id = ?", row["id"])
 
     # ------------------------------------------------------------ threads
 
@@ -601,6 +639,20 @@ class Store:
         IMMEDIATE already serializes every writer)."""
         await tx.run("INSERT INTO users (sub, seen_at) VALUES (?, ?) "
                      "ON CONFLICT (sub) DO UPDATE SET seen_at = excluded.seen_at", sub, time.time())
+
+    async def _spend_message_allowance(self, tx: Cursor, sub: str, now: float) -> None:
+        """A message rate per user, as a generic cell rate: each message moves the user's `messages_due` one
+        interval on, and one that would put it over `message_burst` intervals ahead of now is refused. One
+        column of the user's row, under the user's lock: it holds across processes and hosts."""
+        interval = 60 / self.limits.messages_per_minute
+        allowance = self.limits.message_burst * interval
+        await self._lock_user(tx, sub)
+        row = await tx.row("SELECT messages_due FROM users WHERE sub = ?", sub)
+        due = max(row["messages_due"], now) + interval
+        if due - now > allowance + 1e-6:  # the sums of intervals are floats
+            raise LimitReached(f"at most {self.limits.messages_per_minute} messages a minute per user",
+                               retry_after=math.ceil(due - now - allowance))
+        await tx.run("UPDATE users SET messages_due = ? WHERE sub = ?", due, sub)
 
     async def _room_for_one_more(self, tx: Cursor, owner: str, table: str, limit: int) -> None:
         """Whether `owner` may own one more row of `table` (assistants, threads), under the user's lock."""
@@ -636,7 +688,8 @@ class Store:
         source = "threads t JOIN thread_access a ON a.thread_id = t.id"
         async with self.db.reading() as tx:
             listing = await self._page(tx, f"(SELECT t.* FROM {source} WHERE a.sub = ?) mine", "1 = 1", (sub,),
-                                       ("updated_at", "n"), "desc", page)
+                                       ("updated_at", "n"), "desc", page,
+                                       "LENGTH(members) + COALESCE(LENGTH(title), 0)")
         listing.data = [Thread.from_row(row) for row in listing.data]
         return listing
 
@@ -673,7 +726,8 @@ class Store:
 
     async def list_messages(self, thread_id: str, page: Page) -> Listing:
         async with self.db.reading() as tx:
-            listing = await self._page(tx, "messages", "thread_id = ?", (thread_id,), ("n",), "asc", page)
+            listing = await self._page(tx, "messages", "thread_id = ?", (thread_id,), ("n",), "asc", page,
+                                       "LENGTH(content)")
         listing.data = [message_json(row) for row in listing.data]
         return listing
 
@@ -712,6 +766,7 @@ class Store:
                     raise LimitReached(f"at most {self.limits.runs_per_user} runs per user may wait or run at once",
                                        retry_after=2)
             if content is not None:
+                await self._spend_message_allowance(tx, sub, now)
                 row = await tx.row("INSERT INTO messages (id, thread_id, role, content, author, cancelled, created_at) "
                                    "VALUES (?, ?, 'user', ?, ?, FALSE, ?) RETURNING *",
                                    new_id("msg"), thread_id, content, sub, int(now))

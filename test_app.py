@@ -359,6 +359,33 @@ def test_only_ones_own_assistant_can_be_deleted(client, auth):
     assert client.get("/assistants/precious", headers=auth("keeper")).json() == theirs
 
 
+def test_an_id_means_its_assistant_and_a_name_the_callers_own_to_get_delete_and_runs_alike(client, auth):
+    shared = client.get("/assistants/assistant", headers=auth("namesake")).json()
+    decoy = create_assistant(client, auth, "namesake", shared["id"], instructions="Named like the shared one's id.")
+    assert client.get(f"/assistants/{shared['id']}", headers=auth("namesake")).json() == shared
+    thread = new_thread(client, auth, "namesake")
+    answer = post_message(client, auth, thread["id"], "namesake", content="who?", assistant=shared["id"])
+    [reply] = answer.json()["replies"]
+    assert reply["assistant"]["id"] == shared["id"]
+    # The same reference, deleted: the shared assistant, which no user may delete; the decoy stays.
+    assert_error(client.delete(f"/assistants/{shared['id']}", headers=auth("namesake")), 404)
+    assert client.get(f"/assistants/{decoy['id']}", headers=auth("namesake")).json() == decoy
+    assert client.delete(f"/assistants/{decoy['id']}", headers=auth("namesake")).status_code == 204
+    assert client.get(f"/assistants/{shared['id']}", headers=auth("namesake")).json() == shared
+
+
+@pytest.mark.parametrize("ref", ["nobody", "<img src=x onerror=alert(1)>", "asst_" + "0" * 24, "x" * 120])
+def test_a_404_for_an_assistant_never_quotes_the_reference(client, auth, ref):
+    thread = new_thread(client, auth, "quoter")
+    for response in (client.get(f"/assistants/{ref}", headers=auth("quoter")),
+                     client.delete(f"/assistants/{ref}", headers=auth("quoter")),
+                     post_message(client, auth, thread["id"], "quoter", content="hi", assistant=ref),
+                     client.post(f"/threads/{thread['id']}/runs", json={"assistants": ["assistant", ref]},
+                                 headers=auth("quoter"))):
+        assert assert_error(response, 404) == "assistant not found"
+        assert ref not in response.text
+
+
 def test_a_user_may_own_only_so_many_assistants(make_app, auth):
     with TestClient(make_app(max_assistants_per_user=2)) as capped:
         first = create_assistant(capped, auth, "alice", "one")
@@ -683,8 +710,8 @@ def untouched(client) -> str:
 
 
 @pytest.mark.parametrize(("body", "status_code", "words", "field"), [
-    ({"content": "hi", "assistant": "nobody"}, 404, ["nobody"], None),
-    ({"content": "hi", "assistants": ["assistant", "nobody"]}, 404, ["nobody"], None),
+    ({"content": "hi", "assistant": "nobody"}, 404, ["assistant not found"], None),
+    ({"content": "hi", "assistants": ["assistant", "nobody"]}, 404, ["assistant not found"], None),
     ({}, 400, ["required"], "content"),
     ({"content": ""}, 400, [], "content"),
     ({"content": " \n\t"}, 400, ["blank"], "content"),
@@ -748,6 +775,47 @@ def test_messages_list_oldest_first_in_pages(client, auth):
     assert listing(client, auth, path, order="desc") == {"data": stored[::-1], "has_more": False}
     assert listing(client, auth, path, order="desc", after=stored[3]["id"], limit=2) == {
         "data": [stored[2], stored[1]], "has_more": True}
+
+
+def test_a_page_of_long_messages_ends_at_a_mebibyte_of_content_with_has_more(make_app, auth, database_url):
+    """The attack: 2,368 messages of 32 KB, read back with limit=1000, was a 31 MB answer."""
+    long = "x" * MAX_CONTENT_CHARS
+    with TestClient(make_app(database_url=database_url)) as fresh:
+        thread = new_thread(fresh, auth)
+        stored = [post_message(fresh, auth, thread["id"], content=f"{n:02d}{long[2:]}", run=False).json()["message"]
+                  for n in range(40)]
+        path = f"/threads/{thread['id']}/messages"
+        # The page stops after the message that reaches 1 MiB: 33 of 32,000 characters.
+        response = fresh.get(path, params={"limit": 1000}, headers=auth("alice"))
+        assert len(response.content) < 1.1 * 1024 * 1024
+        assert response.json() == {"data": stored[:33], "has_more": True}
+        assert listing(fresh, auth, path, limit=1000, after=stored[32]["id"]) == {"data": stored[33:],
+                                                                                   "has_more": False}
+        assert listing(fresh, auth, path, limit=1000, order="desc") == {"data": stored[:6:-1], "has_more": True}
+        assert listing(fresh, auth, path, limit=1000, before=stored[39]["id"]) == {"data": stored[6:39],
+                                                                                    "has_more": True}
+        assert listing(fresh, auth, path, limit=7) == {"data": stored[:7], "has_more": True}  # the count still holds
+
+
+def test_a_page_always_holds_one_item_however_low_its_bound(make_app, auth, database_url):
+    with TestClient(make_app(database_url=database_url, max_page_chars=10)) as fresh:
+        thread = new_thread(fresh, auth, title="a title over the bound")
+        stored = [post_message(fresh, auth, thread["id"], content=f"message number {n}", run=False).json()["message"]
+                  for n in range(3)]
+        path, after, pages = f"/threads/{thread['id']}/messages", None, []
+        while True:
+            page = listing(fresh, auth, path, **({"after": after} if after else {}))
+            pages.append(page["data"])
+            if not page["has_more"]:
+                break
+            after = page["data"][-1]["id"]
+        assert pages == [[message] for message in stored]
+        own = create_assistant(fresh, auth, "alice", "wordy", instructions="Say a great deal.")
+        first = listing(fresh, auth, "/assistants")
+        assert first["has_more"] and len(first["data"]) == 1
+        assert listing(fresh, auth, "/assistants", after=first["data"][0]["id"]) == {"data": [own], "has_more": False}
+        second = new_thread(fresh, auth, title="another title")
+        assert listing(fresh, auth, "/threads") == {"data": [second], "has_more": True}
 
 
 # ---------------------------------------------------------------- upstream failures
