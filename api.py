@@ -94,6 +94,9 @@ class RunRequest(Body):
     assistant: AssistantRef | None = Field(None, description="the assistant to run (default: the default one)")
     assistants: Annotated[list[AssistantRef], Field(min_length=1, max_length=MAX_ASSISTANTS_PER_RUN)] | None = Field(
         None, description="several assistants, run in turn on the thread")
+    rounds: Annotated[int, Field(ge=1)] = Field(
+        1, description="the assistants answer in turn this many times over, each seeing the replies before it "
+                       "(at most MAX_ROUNDS)")
 
     @model_validator(mode="after")
     def one_way_to_name_assistants(self):
@@ -118,13 +121,17 @@ class RunFrame(RunRequest):
     type: Literal["run"]
 
 
+class TypingFrame(Body):
+    type: Literal["typing"]
+
+
 class CancelFrame(Body):
     type: Literal["cancel"]
     run_id: Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(no_nul)]
 
 
-Frame: TypeAdapter[MessageFrame | RunFrame | CancelFrame] = TypeAdapter(
-    Annotated[MessageFrame | RunFrame | CancelFrame, Field(discriminator="type")])
+Frame: TypeAdapter[MessageFrame | RunFrame | CancelFrame | TypingFrame] = TypeAdapter(
+    Annotated[MessageFrame | RunFrame | CancelFrame | TypingFrame, Field(discriminator="type")])
 
 
 class ListQuery(BaseModel):
@@ -143,8 +150,8 @@ MESSAGES = {
     "json_invalid": "malformed JSON",
     "model_type": "must be a JSON object",
     "model_attributes_type": "must be a JSON object",
-    "union_tag_not_found": 'required: "message", "run" or "cancel"',
-    "union_tag_invalid": 'must be "message", "run" or "cancel"',
+    "union_tag_not_found": 'required: "message", "run", "cancel" or "typing"',
+    "union_tag_invalid": 'must be "message", "run", "cancel" or "typing"',
 }
 
 
@@ -249,4 +256,14 @@ class ThreadList(Answer):
 
 class MessageList(Answer):
     data: list[Message]
+    has_more: bool
+
+
+class Present(Answer):
+    user: str
+    sockets: int = Field(description="the user's sockets and event streams on the thread")
+
+
+class PresenceList(Answer):
+    data: list[Present] = Field(description="everyone connected to the thread now, service-wide")
     has_more: bool

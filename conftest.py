@@ -27,6 +27,7 @@ from starlette.testclient import TestClient
 from websockets.asyncio.client import connect
 
 from auth import JWTSettings
+from broker import UNLOGGED
 from main import Config, create_app
 from offline_model import serve_on_loopback
 
@@ -216,8 +217,14 @@ async def eventually(condition, timeout: float = 5.0) -> bool:
     return met
 
 
-async def next_frame(ws, timeout: float = FRAME_TIMEOUT) -> dict:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+async def next_frame(ws, timeout: float = FRAME_TIMEOUT, skip: tuple[str, ...] = UNLOGGED) -> dict:
+    """The next frame; by default past `presence` and `typing`, which come whenever someone joins, leaves or
+    types (the tests of those frames pass `skip=()`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), max(0.0, deadline - time.monotonic())))
+        if frame["type"] not in skip:
+            return frame
 
 
 async def frames_until(ws, last_type: str, count: int = 1, timeout: float = FRAME_TIMEOUT) -> list[dict]:
@@ -263,7 +270,8 @@ async def sse_events(response) -> list[dict]:
                 event = json.loads(fields["data"])
                 assert event["type"] == fields["event"]
                 assert "id" not in fields or int(fields["id"]) == event["seq"]
-                events.append(event)
+                if event["type"] not in UNLOGGED:  # presence and typing: see next_frame
+                    events.append(event)
             fields = {}
         elif not line.startswith(":"):
             name, _, value = line.partition(":")

@@ -49,11 +49,12 @@ from api import (
     NewThread,
     RunRequest,
     ThreadChange,
+    TypingFrame,
     describe,
 )
 from assistants import Engine, ServiceStopping, UpstreamError, UpstreamRateLimited, UpstreamTimeout
 from auth import JWT_SECRET_SETTING, JWTAuthMiddleware, JWTSettings, User, demo_tokens_banner, generate_secret
-from broker import TERMINAL, BrokerUnavailable, ResumeWindow, broker_for
+from broker import TERMINAL, UNLOGGED, BrokerUnavailable, ResumeWindow, broker_for
 from hub import Closed, Connection, Hub, TooManySockets
 from metrics import MeasuredEvents, Metrics
 from offline_model import OfflineModel, serve_on_loopback
@@ -115,6 +116,8 @@ class Config:
     max_sockets_per_user: int = 20
     max_assistants_per_user: int = 100
     max_threads_per_user: int = 1000
+    max_rounds: int = 5
+    socket_slot_seconds: float = 30.0
     messages_per_minute: int = 60
     message_burst: int = 10
     max_page_chars: int = 1024 * 1024
@@ -129,12 +132,13 @@ class Config:
 
     def __post_init__(self):
         counts = ("max_waiting_runs", "max_runs_per_user", "max_sockets_per_user", "max_assistants_per_user",
-                  "max_threads_per_user", "resume_events", "resume_log_events", "messages_per_minute", "message_burst",
-                  "max_page_chars")
+                  "max_threads_per_user", "max_rounds", "resume_events", "resume_log_events", "messages_per_minute",
+                  "message_burst", "max_page_chars")
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
-        for name in ("openai_timeout_seconds", "run_lease_seconds", "resume_seconds", "body_timeout_seconds"):
+        for name in ("openai_timeout_seconds", "run_lease_seconds", "resume_seconds", "body_timeout_seconds",
+                     "socket_slot_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.upper()} must be positive")
         for name in ("openai_max_retries", "offline_token_delay", "shutdown_grace_seconds"):
@@ -233,8 +237,11 @@ def state(request: Request | WebSocket):
     return request.app.state
 
 
-async def chosen_assistants(request: Request | WebSocket, sub: str, body: RunRequest) -> list:
-    return [await state(request).store.find_assistant(sub, name) for name in body.names(DEFAULT_ASSISTANT)]
+async def chosen_assistants(request: Request | WebSocket, sub: str, body: RunRequest) -> tuple[list, int]:
+    """The assistants named, and how many rounds they answer in."""
+    if body.rounds > (most := state(request).config.max_rounds):
+        raise bad_request(f"rounds: at most {most}")
+    return [await state(request).store.find_assistant(sub, name) for name in body.names(DEFAULT_ASSISTANT)], body.rounds
 
 
 # ---------------------------------------------------------------- REST routes
@@ -383,18 +390,18 @@ async def list_messages(request: Request) -> JSONResponse:
 async def post_message(request: Request) -> Response:
     thread = await visible_thread(request)
     body = await parsed(request, NewMessage)
-    assistants = await chosen_assistants(request, request.user.sub, body) if body.run else []
-    return await answer_runs(request, thread.id, body.content, assistants, status.HTTP_201_CREATED)
+    assistants, rounds = await chosen_assistants(request, request.user.sub, body) if body.run else ([], 1)
+    return await answer_runs(request, thread.id, body.content, assistants, rounds, status.HTTP_201_CREATED)
 
 
 async def start_runs(request: Request) -> Response:
     thread = await visible_thread(request)
     body = await parsed(request, RunRequest, optional=True)
-    return await answer_runs(request, thread.id, None, await chosen_assistants(request, request.user.sub, body),
+    return await answer_runs(request, thread.id, None, *await chosen_assistants(request, request.user.sub, body),
                              status.HTTP_200_OK)
 
 
-async def answer_runs(request: Request, thread_id: str, content: str | None, assistants: list,
+async def answer_runs(request: Request, thread_id: str, content: str | None, assistants: list, rounds: int,
                       status_code: int) -> Response:
     """Submit, then answer once every run has ended: with JSON, or as it happens with Server-Sent Events.
     The runs go on, and are stored, if the client leaves."""
@@ -403,7 +410,7 @@ async def answer_runs(request: Request, thread_id: str, content: str | None, ass
     # Listen before submitting: the runs may start (on any process) the moment they are stored.
     connection = await listening.enter_async_context(app.hub.joined(thread_id, request.user.sub, greet=False))
     try:
-        submission = await app.engine.submit(thread_id, request.user.sub, content, assistants)
+        submission = await app.engine.submit(thread_id, request.user.sub, content, assistants, rounds)
     except BaseException:
         await listening.aclose()
         raise
@@ -445,7 +452,8 @@ def wants_event_stream(request: Request) -> bool:
 
 
 def sse(frame, thread_id: str) -> str:
-    return f"id: {frame.seq}\nevent: {frame.type}\ndata: {frame.text(thread_id)}\n\n"
+    event_id = "" if frame.type in UNLOGGED else f"id: {frame.seq}\n"  # a client resumes from thread events only
+    return f"{event_id}event: {frame.type}\ndata: {frame.text(thread_id)}\n\n"
 
 
 class EventStream(StreamingResponse):
@@ -507,6 +515,12 @@ async def thread_events(request: Request) -> Response:
             yield ": keep-alive\n\n" if frame is None else sse(frame, thread.id)
 
     return EventStream(frames(), listening)
+
+
+async def thread_presence(request: Request) -> JSONResponse:
+    """GET /threads/{id}/presence: who is connected to the thread now, service-wide."""
+    thread = await visible_thread(request)
+    return JSONResponse({"data": await state(request).broker.present(thread.id), "has_more": False})
 
 
 def resume_point(value: str | None) -> int | None:
@@ -586,15 +600,19 @@ async def read_frames(websocket: WebSocket, connection: Connection, thread_id: s
             continue
         try:
             frame = Frame.validate_json(text)
-            if isinstance(frame, CancelFrame):
+            if isinstance(frame, TypingFrame):
+                await app.hub.typing(connection)
+            elif isinstance(frame, CancelFrame):
                 await cancel(app, thread_id, frame.run_id, sub)
             else:
                 content = frame.content if isinstance(frame, MessageFrame) else None
                 run = not isinstance(frame, MessageFrame) or frame.run
-                assistants = await chosen_assistants(websocket, sub, frame) if run else []
-                await app.engine.submit(thread_id, sub, content, assistants)
+                assistants, rounds = await chosen_assistants(websocket, sub, frame) if run else ([], 1)
+                await app.engine.submit(thread_id, sub, content, assistants, rounds)
         except ValidationError as error:
             reply_error("invalid_frame", describe(error, tagged=True))
+        except HTTPException as error:
+            reply_error("invalid_frame", error.detail)
         except NotFound as error:
             reply_error("not_found", error.message)
         except Conflict as error:
@@ -731,7 +749,7 @@ async def lifespan(app: Starlette):
         except DatabaseUnreachable as error:
             raise StartupRefused(f"{error} ({redacted_url(config.database_url)})") from None
         stack.push_async_callback(store.close)
-        broker = broker_for(config.redis_url, config.resume_window, config.redis_prefix)
+        broker = broker_for(config.redis_url, config.resume_window, config.redis_prefix, config.socket_slot_seconds)
         if not broker.shared_across_processes() and not await store.db.hold_process_lock():
             raise StartupRefused(SEVERAL_PROCESSES.format(database=redacted_url(config.database_url)))
         if app.state.jwt is None:
@@ -776,6 +794,8 @@ async def lifespan(app: Starlette):
                 engine.forget_thread(message["thread_id"])
             elif kind == "members.removed":
                 hub.close_thread(message["thread_id"], WS_REMOVED_FROM_THREAD, set(message["subs"]))
+            elif kind in ("presence", "typing"):
+                hub.announce(message)
 
         await broker.open(app.state.metrics.delivering(hub), on_signal, hub.resync)
         stack.push_async_callback(broker.close)
@@ -834,6 +854,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
             Route("/threads/{thread_id}/runs", start_runs, methods=["POST"]),
             Route("/threads/{thread_id}/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
             Route("/threads/{thread_id}/events", thread_events, methods=["GET"]),
+            Route("/threads/{thread_id}/presence", thread_presence, methods=["GET"]),
             WebSocketRoute("/threads/{thread_id}/ws", thread_socket),
         ],
         middleware=middleware,

@@ -26,6 +26,7 @@ from api import (
     NewMessage,
     NewThread,
     NotReady,
+    PresenceList,
     RunRequest,
     Runs,
     Thread,
@@ -47,8 +48,9 @@ ERRORS = {
     504: "the upstream timed out",
 }
 # A text/event-stream schema describes one event (OpenAPI 3.1 has no way to describe the stream as a whole).
-SERVER_SENT_EVENT = {"type": "object", "required": ["id", "event", "data"], "description":
-                     "one Server-Sent Event: `id: <seq>`, `event: <type>`, `data: <the JSON a WebSocket gets>`",
+SERVER_SENT_EVENT = {"type": "object", "required": ["event", "data"], "description":
+                     "one Server-Sent Event: `id: <seq>` (none on `presence` and `typing`), `event: <type>`, "
+                     "`data: <the JSON a WebSocket gets>`",
                      "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"}, "event": {"type": "string"},
                                     "data": {"type": "string", "contentMediaType": "application/json"}}}
 EVENT_STREAM = {"text/event-stream": {"schema": SERVER_SENT_EVENT}}
@@ -123,6 +125,9 @@ OPERATIONS = {
         body_optional=True, streams=True, errors=RUNS),
     ("POST", "/threads/{thread_id}/runs/{run_id}/cancel"): Operation(
         "Stop a run; it ends in run.cancelled", {202: Cancelling}, errors=(404, 409)),
+    ("GET", "/threads/{thread_id}/presence"): Operation(
+        "Who is connected to the thread now (sockets and event streams, service-wide)", {200: PresenceList},
+        errors=(404,)),
     ("GET", "/threads/{thread_id}/events"): Operation(
         "The thread's live events as Server-Sent Events, from thread.joined on; resume with Last-Event-ID",
         {200: None}, content_type="text/event-stream", errors=(400, 404, 429),

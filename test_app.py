@@ -207,7 +207,7 @@ PROTECTED = {  # every route but the public ones -> the JSON body a valid reques
     "GET /threads/{thread}": None, "PATCH /threads/{thread}": {"title": "taken"}, "DELETE /threads/{thread}": None,
     "GET /threads/{thread}/messages": None, "POST /threads/{thread}/messages": {"content": "hi"},
     "POST /threads/{thread}/runs": None, "POST /threads/{thread}/runs/{run}/cancel": None,
-    "GET /threads/{thread}/events": None, "WS /threads/{thread}/ws": None,
+    "GET /threads/{thread}/events": None, "GET /threads/{thread}/presence": None, "WS /threads/{thread}/ws": None,
 }
 
 
