@@ -68,16 +68,26 @@ return seqs
 """
 
 SNAPSHOT = """
-local key, after = ARGV[1] .. 't:' .. ARGV[2], ARGV[3]
+local key, after, maxlen = ARGV[1] .. 't:' .. ARGV[2], ARGV[3], tonumber(ARGV[4])
 local seq_key = key .. ':seq'
 if redis.call('EXISTS', seq_key) == 0 then
   local now = redis.call('TIME')
   redis.call('SET', seq_key, string.format('%.0f', now[1] * 1000000 + now[2]), 'EX', 86400)
 end
+local seq = redis.call('GET', seq_key)
 local run = redis.call('HMGET', key .. ':run', 'run_id', 'assistant')
-local missed = {}
-if after ~= '' then missed = redis.call('XRANGE', key .. ':log', '(' .. after .. '-0', '+') end
-return {redis.call('GET', seq_key), run[1] or '', run[2] or '', redis.call('GET', key .. ':text') or '', missed}
+-- false (nil to the caller): nothing read, for a client ahead of the counter or further behind than the
+-- log keeps; whatever its number, a resume point costs at most the log's length
+local missed = false
+if after ~= '' then
+  local behind = tonumber(seq) - tonumber(after)
+  if behind == 0 then
+    missed = {}
+  elseif behind > 0 and behind <= maxlen then
+    missed = redis.call('XRANGE', key .. ':log', '(' .. after .. '-0', '+', 'COUNT', behind)
+  end
+end
+return {seq, run[1] or '', run[2] or '', redis.call('GET', key .. ':text') or '', missed}
 """
 
 OCCUPY = """
@@ -313,14 +323,17 @@ class RedisBroker:
         if self.follows.get(thread_id) is not follow or not follow.held or follow.expected is None:
             return
         first_held = follow.held[0][0]
-        try:
-            entries = await self.redis.xrange(self._thread_key(thread_id) + ":log", f"{follow.expected + 1}-0",
-                                              f"{first_held - 1}-0")
-        except (RedisError, OSError) as error:
-            self._unhealthy("reading the event log", error)
-            entries = []
+        gap = first_held - 1 - follow.expected
+        entries = []
+        # More than the log keeps cannot all be there: a restarted Redis counts on from far ahead.
+        if gap <= self.window.events_per_thread:
+            try:
+                entries = await self.redis.xrange(self._thread_key(thread_id) + ":log", f"{follow.expected + 1}-0",
+                                                  f"{first_held - 1}-0", count=gap)
+            except (RedisError, OSError) as error:
+                self._unhealthy("reading the event log", error)
         missed = [Event.from_text(str(fields["e"])) for _, fields in entries or () if fields]
-        if [event.seq for event in missed] != list(range(follow.expected + 1, first_held)):
+        if len(missed) != gap:
             self._resync(thread_id, first_held - 1)
             follow.expected = first_held - 1
             missed = []
@@ -375,7 +388,7 @@ class RedisBroker:
     async def catch_up(self, thread_id: str, after: int | None) -> CatchUp:
         try:
             seq, run_id, assistant, text, entries = await self._snapshot(args=[
-                self.prefix, thread_id, "" if after is None else str(after), int(self.window.seconds * 1000)])
+                self.prefix, thread_id, "" if after is None else str(after), self.window.events_per_thread])
         except (RedisError, OSError) as error:
             self._unhealthy("catching up", error)
             raise BrokerUnavailable() from None
@@ -385,13 +398,11 @@ class RedisBroker:
         if follow is not None and follow.expected is None:
             follow.expected = seq
             self._receive(thread_id, [])
-        if after is None:
+        if after is None or entries is None:
             return CatchUp(seq, active, None)
         missed = [Event.from_text(fields[1]) for _, fields in entries]  # raw from the script: [id, ["e", text]]
-        if after > seq or [event.seq for event in missed] != list(range(after + 1, seq + 1)):
-            # What was missed is only partly kept (or the client's seq is from before a restart of Redis).
-            return CatchUp(seq, active, None)
-        return CatchUp(seq, active, missed)
+        # The entries' ids are distinct seqs in (after, seq]: all there, or only partly kept (resync).
+        return CatchUp(seq, active, missed if len(missed) == seq - after else None)
 
     # ------------------------------------------------------------ sockets
 
