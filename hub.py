@@ -18,7 +18,7 @@ from starlette import status
 from starlette.websockets import WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
-from broker import Broker, Event, encode
+from broker import Broker, BrokerUnavailable, CatchUp, Event, encode
 
 log = logging.getLogger("gainz")
 
@@ -89,6 +89,7 @@ class Connection:
         self.held: list[Event] = []
         self.held_chars = 0
         self.close_code: int | None = None
+        self.live = True  # False: joined while the broker was down, so its events may never come
         self.writer: asyncio.Task | None = None
         self.endpoint = asyncio.current_task()  # serves the listener; done once it has closed it
         self._wakeup = asyncio.Event()
@@ -189,9 +190,16 @@ class Hub:
         listeners = self.threads.setdefault(thread_id, set())
         listeners.add(connection)
         try:
-            if len(listeners) == 1:
-                await self.broker.watch(thread_id)
-            catch_up = await self.broker.catch_up(thread_id, after)
+            try:
+                if len(listeners) == 1:
+                    await self.broker.watch(thread_id)
+                catch_up = await self.broker.catch_up(thread_id, after)
+            except BrokerUnavailable:
+                if greet:
+                    raise
+                # A request waiting for its own runs needs no catch-up: while the broker is down, it
+                # learns from the store that they ended, and gets whatever events come once it is back.
+                catch_up, connection.live = CatchUp(0, None, None), False
             first = []
             if greet:
                 first.append(Event.create(catch_up.seq, {"type": "thread.joined", "thread_id": thread_id,

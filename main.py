@@ -79,7 +79,8 @@ WS_TOKEN_EXPIRED = 4401
 WS_REMOVED_FROM_THREAD = 4403
 WS_THREAD_DELETED = 4404
 SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent for long
-RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost
+RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost...
+OUTAGE_RUN_CHECK_SECONDS = 0.5  # ... and this often if it joined while Redis was down (no events may come)
 SEVERAL_PROCESSES = """\
 Another process is already serving {database}. Several processes (uvicorn --workers, or several hosts)
 must share their live events and limits: set REDIS_URL (for example REDIS_URL=redis://127.0.0.1:6379/0)
@@ -346,7 +347,7 @@ async def until_runs_end(connection: Connection, submission: Submission, store: 
     waiting = {run.id for run in submission.runs}
     while waiting:
         try:
-            frame = await connection.get(within=RUN_CHECK_SECONDS)
+            frame = await connection.get(within=RUN_CHECK_SECONDS if connection.live else OUTAGE_RUN_CHECK_SECONDS)
         except Closed as closed:  # the service is stopping (its runs wait in the store), or the thread was deleted
             raise (ServiceStopping() if closed.code == status.WS_1001_GOING_AWAY else NotFound("thread not found")) \
                 from None
@@ -377,11 +378,12 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
 
 
-async def frames_until_expiry(connection: Connection, user: User):
-    """The listener's frames, with keep-alive comments, until it is closed or the token expires."""
+async def frames_until_expiry(connection: Connection, user: User, quiet_seconds: float | None = None):
+    """The listener's frames, with None (a keep-alive comment) after `quiet_seconds` without one
+    (SSE_KEEPALIVE_SECONDS by default), until it is closed or the token expires."""
     while (left := user.expires_at - time.time()) > 0:
         try:
-            frame = await connection.get(within=min(SSE_KEEPALIVE_SECONDS, left))
+            frame = await connection.get(within=min(quiet_seconds or SSE_KEEPALIVE_SECONDS, left))
         except Closed:
             return
         yield frame
@@ -392,7 +394,7 @@ async def own_events(connection: Connection, submission: Submission, user: User,
     waiting = {run.id for run in submission.runs}
     message_id = submission.message and submission.message["id"]
     announced = message_id is None
-    async for frame in frames_until_expiry(connection, user):
+    async for frame in frames_until_expiry(connection, user, None if connection.live else OUTAGE_RUN_CHECK_SECONDS):
         if frame is None:
             yield ": keep-alive\n\n"
             # Quiet for a while: an event may have been lost on the way (the broker was down).

@@ -324,7 +324,7 @@ class RedisBroker:
             return
         first_held = follow.held[0][0]
         gap = first_held - 1 - follow.expected
-        entries = []
+        entries: list | None = []
         # More than the log keeps cannot all be there: a restarted Redis counts on from far ahead.
         if gap <= self.window.events_per_thread:
             try:
@@ -348,6 +348,15 @@ class RedisBroker:
         """Redis answers again: every watched thread checks what it missed meanwhile."""
         self.healthy = True
         log.warning("Redis is back: catching up the threads this process follows")
+        # The channels of threads followed since it went away, and no longer those left meanwhile. Not
+        # waiting for Redis to confirm (this task reads the confirmations): an event published before the
+        # subscription holds is read from the Stream when the next one comes.
+        followed = {self._thread_key(thread_id) for thread_id in self.follows} | {self.prefix + "signals"}
+        with contextlib.suppress(RedisError, OSError):  # down again: the next recovery tries again
+            if missing := followed - set(self.pubsub.channels):
+                await self.pubsub.subscribe(*missing)
+            if left := set(self.pubsub.channels) - followed:
+                await self.pubsub.unsubscribe(*left)
         for thread_id, follow in list(self.follows.items()):
             with contextlib.suppress(BrokerUnavailable):  # down again: the next recovery tries again
                 catch_up = await self.catch_up(thread_id, follow.expected)
@@ -365,7 +374,9 @@ class RedisBroker:
         miss an event published in between."""
         if thread_id in self.follows:
             return
-        self.follows[thread_id] = Follow()
+        self.follows[thread_id] = Follow()  # kept if Redis is away: the recovery subscribes to it
+        if not self.healthy:
+            raise BrokerUnavailable()
         channel = self._thread_key(thread_id)
         confirmed = self._confirmed[channel] = asyncio.Event()
         try:
@@ -383,7 +394,8 @@ class RedisBroker:
         if follow is not None:
             if follow.gap_check is not None:
                 follow.gap_check.cancel()
-            await self.pubsub.unsubscribe(self._thread_key(thread_id))
+            if self.healthy:  # else the recovery unsubscribes
+                await self.pubsub.unsubscribe(self._thread_key(thread_id))
 
     async def catch_up(self, thread_id: str, after: int | None) -> CatchUp:
         try:
