@@ -1,7 +1,8 @@
 """The shapes of the API: request bodies, WebSocket frames and list queries as pydantic models.
 
 Strict (no coercion: `"run": "yes"` is refused) and closed (unknown fields are refused). pydantic's
-JSON parser refuses invalid UTF-8, lone surrogate escapes and absurd nesting by itself. The same
+JSON parser refuses invalid UTF-8, lone surrogate escapes and absurd nesting by itself; a NUL
+("\u0000") is refused in every text, as PostgreSQL cannot store one. The same
 models, with the resources', give the OpenAPI document its schemas (see `openapi.py`).
 """
 
@@ -29,9 +30,19 @@ MAX_ASSISTANTS_PER_RUN = 8
 MAX_LIST_LIMIT = 1000
 
 
+NUL_REFUSED = "must not contain NUL (\\u0000)"
+
+
 def not_blank(text: str) -> str:
+    """Text a person can read and every database can store: not blank, and (as all text here) no NUL."""
     if not text.strip():
         raise ValueError("must not be blank")
+    return no_nul(text)
+
+
+def no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError(NUL_REFUSED)
     return text
 
 
@@ -48,7 +59,8 @@ Content = Annotated[str, text(MAX_CONTENT_CHARS), AfterValidator(not_blank), Fie
 Name = Annotated[str, text(MAX_NAME_CHARS), AfterValidator(not_blank),
                  Field(description="unique among the caller's assistants")]
 Model = Annotated[str, text(MAX_MODEL_CHARS), AfterValidator(not_blank), Field(description="the upstream's model name")]
-Instructions = Annotated[str, Field(max_length=MAX_INSTRUCTIONS_CHARS, description="sent with every run")]
+Instructions = Annotated[str, Field(max_length=MAX_INSTRUCTIONS_CHARS, description="sent with every run"),
+                         AfterValidator(no_nul)]
 Title = Annotated[str, text(MAX_TITLE_CHARS), AfterValidator(not_blank),
                   Field(description="a title; by default the start of the first message")]
 Sub = Annotated[str, text(MAX_SUB_CHARS), AfterValidator(not_blank), Field(description="a user id (a token's sub)")]
@@ -108,7 +120,7 @@ class RunFrame(RunRequest):
 
 class CancelFrame(Body):
     type: Literal["cancel"]
-    run_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    run_id: Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(no_nul)]
 
 
 Frame: TypeAdapter[MessageFrame | RunFrame | CancelFrame] = TypeAdapter(
@@ -120,8 +132,8 @@ class ListQuery(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     limit: Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT)] = 100
-    after: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
-    before: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    after: Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(no_nul)] | None = None
+    before: Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(no_nul)] | None = None
     order: Literal["asc", "desc"] | None = None
 
 
@@ -164,6 +176,11 @@ class Health(Answer):
     status: Literal["ok"]
 
 
+class NotReady(Answer):
+    status: Literal["unavailable"]
+    down: list[Literal["database", "redis"]] = Field(description="what did not answer")
+
+
 class AssistantRefOut(Answer):
     id: str
     name: str
@@ -197,6 +214,7 @@ class Message(Answer):
     assistant: AssistantRefOut | None = Field(None, description="replies: which assistant")
     run_id: str | None = Field(None, description="replies: the run that wrote it")
     cancelled: bool | None = Field(None, description="true on a reply cut short by a cancel")
+    failed: bool | None = Field(None, description="true on a reply cut short by an upstream failure")
 
 
 class RunError(Answer):

@@ -14,13 +14,13 @@ import logging
 import re
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Annotated, NamedTuple, get_args
+from typing import Any, NamedTuple
 
 import anyio
 import httpx2
 import openai
+from openai._models import construct_type
 from openai.types.responses import ResponseStreamEvent
-from pydantic import Field, TypeAdapter, ValidationError
 
 from store import Assistant, LeaseLost, Run, Store, Submission
 
@@ -109,6 +109,23 @@ def upstream_errors():
         raise upstream_error(error) from error
 
 
+def unreadable(event_type: str, field: str, value: Any) -> None:
+    """An upstream event field that holds something the service cannot use: logged, and left out."""
+    log.warning("upstream event %.80s: field %s cannot be read (%.80r); left out", event_type, field, value)
+
+
+def token_usage(usage: Any) -> dict | None:
+    """`{input_tokens, output_tokens}` from a response's usage, each a count or None; None if neither is."""
+    counts = {}
+    for name in ("input_tokens", "output_tokens"):
+        value = getattr(usage, name, None)
+        if value is not None and (type(value) is not int or not 0 <= value < 2**31):  # the store's INTEGER
+            unreadable("response.completed", f"usage.{name}", value)
+            value = None
+        counts[name] = value
+    return counts if any(value is not None for value in counts.values()) else None
+
+
 def clean_text(text: str) -> str:
     """Upstream text with any lone surrogate (valid in JSON, unencodable in UTF-8) replaced."""
     return text.encode("utf-8", "replace").decode()
@@ -117,10 +134,6 @@ def clean_text(text: str) -> str:
 # ---------------------------------------------------------------- the stream, with a fast path for text deltas
 
 DELTA_TYPES = ("response.output_text.delta", "response.refusal.delta")
-# The SDK's own event types, told apart by `type` (the SDK tries its union's sixty members in turn instead).
-STREAM_EVENT: TypeAdapter = TypeAdapter(
-    Annotated[get_args(ResponseStreamEvent)[0], Field(discriminator="type")])  # type: ignore[arg-type]
-KNOWN_TYPES = frozenset(STREAM_EVENT.json_schema()["discriminator"]["mapping"])
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
@@ -128,19 +141,20 @@ class TextDelta(NamedTuple):
     """A text or refusal delta, as read off the wire: the same fields as the SDK's delta events use."""
 
     type: str
-    item_id: str
+    item_id: str | None
     delta: str
 
 
 async def stream_events(client: openai.AsyncOpenAI, **request) -> AsyncGenerator:
     """What `client.responses.create(**request, stream=True)` yields, but text deltas come as TextDelta.
 
-    Why: the SDK validates every streamed event into a union of some sixty pydantic models, about 60 µs a
-    delta, which was most of what a run cost the server; `json.loads` alone takes 3 µs. The request, its
-    retries and its HTTP errors stay the SDK's (`with_streaming_response`), and every other event is still
-    the SDK's own type, validated as such. test_fast_stream.py holds both to the same output for the same
-    bytes, errors included. One difference, on purpose: an event type newer than this SDK is skipped,
-    where the SDK's strict validation would fail the run."""
+    Read as leniently as the SDK reads by default: every other event is built into the SDK's own type
+    without validation (`construct_type`, as the SDK does), so a server that leaves optional fields out
+    (`logprobs`, `sequence_number`, usage details), adds its own, or sends event types newer than the SDK
+    still works; a field it left out reads as None. Why deltas skip even that: building an event costs
+    tens of µs and deltas are nearly all of a stream; `json.loads` alone takes 3 µs. The request, its
+    retries and its HTTP errors stay the SDK's (`with_streaming_response`). test_fast_stream.py holds both
+    to the same output for the same bytes, errors included."""
     async with client.responses.with_streaming_response.create(**request, stream=True) as response:
         async for data in server_sent_data(response):
             if data.startswith("[DONE]"):
@@ -152,17 +166,15 @@ async def stream_events(client: openai.AsyncOpenAI, **request) -> AsyncGenerator
                 raise openai.APIError(message if isinstance(message, str) and message
                                       else "An error occurred during streaming", response.http_response.request,
                                       body=error)
-            kind = event.get("type") if isinstance(event, dict) else None
-            if kind in DELTA_TYPES and type(event.get("delta")) is str and type(event.get("item_id")) is str:
-                yield TextDelta(kind, event["item_id"], event["delta"])
+            if not isinstance(event, dict):
+                log.warning("skipped an upstream event that is not a JSON object: %.80r", event)
                 continue
-            try:
-                yield STREAM_EVENT.validate_python(event)
-            except ValidationError as invalid:
-                if kind not in KNOWN_TYPES:
-                    log.debug("skipped an upstream event this SDK does not know: %.80s", kind)
-                    continue
-                raise openai.APIResponseValidationError(response.http_response, event) from invalid
+            kind = event.get("type")
+            if kind in DELTA_TYPES and type(event.get("delta")) is str:
+                item_id = event.get("item_id")
+                yield TextDelta(kind, item_id if type(item_id) is str else None, event["delta"])
+                continue
+            yield construct_type(value=event, type_=ResponseStreamEvent)
 
 
 async def server_sent_data(response) -> AsyncGenerator[str, None]:
@@ -209,7 +221,8 @@ class RunEventHandler:
     async def on_run_completed(self, thread_id: str, run_id: str, message: dict | None,
                                usage: dict | None) -> None: ...
 
-    async def on_run_failed(self, thread_id: str, run_id: str, error: UpstreamError) -> None: ...
+    async def on_run_failed(self, thread_id: str, run_id: str, error: UpstreamError, message: dict | None) -> None:
+        ...
 
     async def on_run_cancelled(self, thread_id: str, run_id: str, by: str, message: dict | None) -> None: ...
 
@@ -234,9 +247,9 @@ class ThreadEvents(RunEventHandler):
         self.publish(thread_id, {"type": "run.completed", "thread_id": thread_id, "run_id": run_id,
                                  "message": message, "usage": usage})
 
-    async def on_run_failed(self, thread_id, run_id, error):
+    async def on_run_failed(self, thread_id, run_id, error, message):
         self.publish(thread_id, {"type": "run.failed", "thread_id": thread_id, "run_id": run_id,
-                                 "error": error.as_json()})
+                                 "error": error.as_json(), "message": message})
 
     async def on_run_cancelled(self, thread_id, run_id, by, message):
         self.publish(thread_id, {"type": "run.cancelled", "thread_id": thread_id, "run_id": run_id, "by": by,
@@ -389,7 +402,7 @@ class Engine:
                      if assistant is None else
                      UpstreamError("interrupted", f"the run was cut off {self.max_attempts} times; giving up"))
             await self.store.finish_run(run, self.runner_id, "failed", error=error.as_record())
-            return await events.on_run_failed(thread_id, run.id, error)
+            return await events.on_run_failed(thread_id, run.id, error, None)
         parts: list[str] = []
         stream = self._streams[run.id] = asyncio.create_task(self._stream(run, assistant, parts))
         try:
@@ -402,8 +415,10 @@ class Engine:
             await events.on_run_cancelled(thread_id, run.id, by, message)
         except UpstreamError as error:
             log.warning("run %s on thread %s failed: %s", run.id, thread_id, error.code)
-            await self.store.finish_run(run, self.runner_id, "failed", error=error.as_record())
-            await events.on_run_failed(thread_id, run.id, error)
+            # What streamed before the failure was shown to every client: it is kept, marked as failed.
+            message = await self.store.finish_run(run, self.runner_id, "failed", reply="".join(parts) or None,
+                                                  error=error.as_record())
+            await events.on_run_failed(thread_id, run.id, error, message)
         else:
             message = await self.store.finish_run(run, self.runner_id, "completed", reply="".join(parts), usage=usage)
             await events.on_run_completed(thread_id, run.id, message, usage)
@@ -426,7 +441,7 @@ class Engine:
         """Stream one reply, its deltas into `parts` and out as events; returns the usage, or raises
         UpstreamError. Commentary (a message whose phase is not the final answer) is not the reply."""
         history = await self.history(run.thread_id, assistant)
-        not_the_reply: set[str] = set()
+        not_the_reply: set[str | None] = set()
         completed, usage = False, None
         with upstream_errors():
             events = stream_events(
@@ -441,30 +456,36 @@ class Engine:
                 extra_body={"input": history})
             async with contextlib.aclosing(events):
                 async for event in events:
-                    if event.type in DELTA_TYPES:
-                        if event.item_id not in not_the_reply:
+                    kind = event.type
+                    if kind in DELTA_TYPES:
+                        if not isinstance(event.delta, str):
+                            unreadable(kind, "delta", event.delta)
+                        elif event.item_id not in not_the_reply:
                             delta = clean_text(event.delta)
                             parts.append(delta)
                             await self.events.on_text_delta(run.thread_id, run.id, delta)
-                    elif event.type == "response.output_item.added":
+                    elif kind == "response.output_item.added":
                         item = event.item
-                        if item.type == "message" and getattr(item, "phase", None) not in (None, "final_answer"):
-                            not_the_reply.add(item.id)
-                    elif event.type == "response.completed":
+                        if getattr(item, "type", None) == "message" and getattr(item, "phase", None) not in (
+                                None, "final_answer"):
+                            not_the_reply.add(getattr(item, "id", None))
+                    elif kind == "response.completed":
                         # Not a return: the body ends right after, and read to its end the connection goes back
                         # to the SDK's pool for the next run instead of being closed.
-                        completed, usage = True, event.response.usage
-                    elif event.type in ("response.failed", "response.incomplete"):
-                        error = event.response.error
-                        log.warning("run %s failed upstream: %s", run.id, error.message if error else event.type)
-                        raise UpstreamError(error.code if error else "incomplete",
+                        completed, usage = True, token_usage(getattr(event.response, "usage", None))
+                    elif kind in ("response.failed", "response.incomplete"):
+                        error = getattr(event.response, "error", None)
+                        code, message = getattr(error, "code", None), getattr(error, "message", None)
+                        log.warning("run %s failed upstream: %s", run.id, message or kind)
+                        raise UpstreamError(code if isinstance(code, str) and code else "incomplete",
                                             "the model failed to finish the reply")
-                    elif event.type == "error":  # the spec's flat shape; the nested one raises APIError
-                        log.warning("run %s: upstream error event %s: %s", run.id, event.code, event.message)
-                        raise UpstreamError(event.code or "upstream_error", "the upstream failed")
+                    elif kind == "error":  # the spec's flat shape; the nested one raises APIError
+                        code = event.code if isinstance(event.code, str) and event.code else "upstream_error"
+                        log.warning("run %s: upstream error event %s: %s", run.id, code, event.message)
+                        raise UpstreamError(code, "the upstream failed")
         if not completed:
             raise UpstreamError("incomplete_stream", "the upstream's stream ended before the reply was complete")
-        return usage and {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+        return usage
 
     # ------------------------------------------------------------ the life of the engine
 

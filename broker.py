@@ -96,6 +96,7 @@ class Broker(Protocol):
     async def vacate(self, sub: str, thread_id: str, slot: str) -> None: ...
     async def claim_once(self, name: str, seconds: float) -> bool: ...
     def shared_across_processes(self) -> bool: ...
+    async def ping(self) -> None: ...
 
 
 def new_process_id() -> str:
@@ -156,6 +157,9 @@ class MemoryBroker:
 
     def shared_across_processes(self) -> bool:
         return False
+
+    async def ping(self) -> None:
+        pass  # nothing outside this process to reach
 
     def _log(self, thread_id: str) -> ThreadLog:
         log = self.logs.get(thread_id)

@@ -3,8 +3,9 @@
 A listener is a WebSocket, an event stream (SSE) or a request waiting for its runs. Each has its own
 bounded backlog, so delivering an event only appends and returns. A listener that falls behind has
 its pending `text.delta` frames of one run merged into one (nothing is dropped); past the bound it
-is closed. The broker hands the hub each thread's events in `seq` order, from whichever process
-published them; the hub knows nothing of where they came from.
+is closed; a run's final event never counts against the bound. The broker hands the hub each
+thread's events in `seq` order, from whichever process published them; the hub knows nothing of
+where they came from.
 """
 
 import asyncio
@@ -18,13 +19,21 @@ from starlette import status
 from starlette.websockets import WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
-from broker import Broker, BrokerUnavailable, CatchUp, Event, encode
+from broker import TERMINAL, Broker, BrokerUnavailable, CatchUp, Event, encode
 
 log = logging.getLogger("gainz")
 
 SLOW_CONSUMER_CLOSE_CODE = status.WS_1013_TRY_AGAIN_LATER
 CLIENT_GONE = (WebSocketDisconnect, ClientDisconnected, OSError)  # a client that left mid-send: nothing to report
 MAX_BACKLOG_CHARS = 512 * 1024
+
+
+def counted(event: Event) -> int:
+    """The characters an event counts against a listener's bound. A run's final event counts none: it
+    carries the whole reply, so counting it would close a client that kept up with a long reply just as
+    the reply ends. A client that does not keep up is closed by the run's deltas, which count, and the
+    final event's text is encoded once for every listener, so holding it costs each only a reference."""
+    return 0 if event.type in TERMINAL else len(event.text)
 
 
 class TooManySockets(Exception):
@@ -50,7 +59,7 @@ class Frame:
         self.event = event
         self.deltas: list[str] | None = None  # once a later delta of the same run was merged in
         self.seq = event.seq
-        self.size = len(event.text)
+        self.size = counted(event)
 
     @property
     def type(self) -> str:
@@ -108,7 +117,7 @@ class Connection:
             return True
         if self.floor is None:
             self.held.append(event)
-            self.held_chars += len(event.text)
+            self.held_chars += counted(event)
             return self.held_chars <= self.max_backlog_chars
         if event.seq <= self.floor:
             return True
@@ -173,6 +182,7 @@ class Hub:
         self.max_backlog_chars = max_backlog_chars
         self.threads: dict[str, set[Connection]] = {}
         self._slots = itertools.count()
+        self.closed_with: int | None = None  # once close_all: every listener that joins later is closed so too
 
     @contextlib.asynccontextmanager
     async def joined(self, thread_id: str, sub: str, after: int | None = None, socket_limit: int | None = None,
@@ -208,6 +218,8 @@ class Hub:
                 first.append(self.resync_event(thread_id, catch_up.seq))
             first += catch_up.missed or []
             connection.start(catch_up.seq, first)
+            if self.closed_with is not None:  # joined while the service stops: its server would close it with 1012
+                connection.close(self.closed_with)
             yield connection
         finally:
             connection.close(status.WS_1000_NORMAL_CLOSURE)
@@ -264,6 +276,7 @@ class Hub:
     def close_all(self, code: int) -> list[asyncio.Task]:
         """Close every listener with `code`; returns the tasks serving them, each done once it has sent its
         client the close (a socket's close frame, an event stream's end, a waiting request's answer)."""
+        self.closed_with = code
         connections = [connection for listeners in self.threads.values() for connection in listeners]
         for connection in connections:
             self.drop(connection, code)

@@ -6,6 +6,7 @@ streams, token by token, to every socket on its thread.
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 
 import openai
 from dotenv import load_dotenv
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette import status
 from starlette.applications import Starlette
@@ -30,11 +32,14 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from swagger_ui_bundle import swagger_ui_path
 
 import openapi
 from api import (
+    NUL_REFUSED,
     CancelFrame,
     Frame,
     ListQuery,
@@ -46,15 +51,17 @@ from api import (
     ThreadChange,
     describe,
 )
-from assistants import Engine, ServiceStopping, ThreadEvents, UpstreamError, UpstreamRateLimited, UpstreamTimeout
+from assistants import Engine, ServiceStopping, UpstreamError, UpstreamRateLimited, UpstreamTimeout
 from auth import JWT_SECRET_SETTING, JWTAuthMiddleware, JWTSettings, User, demo_tokens_banner, generate_secret
 from broker import TERMINAL, BrokerUnavailable, ResumeWindow, broker_for
 from hub import Closed, Connection, Hub, TooManySockets
+from metrics import MeasuredEvents, Metrics
 from offline_model import OfflineModel, serve_on_loopback
 from store import (
     DEFAULT_DATABASE_URL,
     BadPage,
     Conflict,
+    DatabaseUnreachable,
     LimitReached,
     Limits,
     NotFound,
@@ -70,7 +77,9 @@ Body = TypeVar("Body", bound=BaseModel)
 
 DEMO_PAGE = Path(__file__).resolve().parent / "demo.html"
 DEMO_TOKENS_SLOT = '<script id="demo-tokens" type="application/json">null</script>'
-PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/openapi.json")})
+FORWARDING_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip", b"x-forwarded-host"})
+PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/"),
+                           ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/*")})
 DEFAULT_ASSISTANT = "assistant"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant."
 MAX_BODY_BYTES = 256 * 1024
@@ -79,8 +88,9 @@ WS_TOKEN_EXPIRED = 4401
 WS_REMOVED_FROM_THREAD = 4403
 WS_THREAD_DELETED = 4404
 SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent for long
-RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost...
-OUTAGE_RUN_CHECK_SECONDS = 0.5  # ... and this often if it joined while Redis was down (no events may come)
+RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost
+RUN_POLL_SECONDS = 0.5  # ... and this often once it no longer hears the thread's events (or Redis was down)
+READY_CHECK_SECONDS = 3  # a database or Redis slower than this to answer SELECT 1 or PING is as good as down
 SEVERAL_PROCESSES = """\
 Another process is already serving {database}. Several processes (uvicorn --workers, or several hosts)
 must share their live events and limits: set REDIS_URL (for example REDIS_URL=redis://127.0.0.1:6379/0)
@@ -105,6 +115,9 @@ class Config:
     max_sockets_per_user: int = 20
     max_assistants_per_user: int = 100
     max_threads_per_user: int = 1000
+    messages_per_minute: int = 60
+    message_burst: int = 10
+    max_page_chars: int = 1024 * 1024
     context_chars: int = 60_000
     run_lease_seconds: float = 10.0
     shutdown_grace_seconds: float = 10.0
@@ -116,7 +129,8 @@ class Config:
 
     def __post_init__(self):
         counts = ("max_waiting_runs", "max_runs_per_user", "max_sockets_per_user", "max_assistants_per_user",
-                  "max_threads_per_user", "resume_events", "resume_log_events")
+                  "max_threads_per_user", "resume_events", "resume_log_events", "messages_per_minute", "message_burst",
+                  "max_page_chars")
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
@@ -155,7 +169,9 @@ class Config:
     @property
     def limits(self) -> Limits:
         return Limits(waiting_runs_per_thread=self.max_waiting_runs, runs_per_user=self.max_runs_per_user,
-                      assistants_per_user=self.max_assistants_per_user, threads_per_user=self.max_threads_per_user)
+                      assistants_per_user=self.max_assistants_per_user, threads_per_user=self.max_threads_per_user,
+                      messages_per_minute=self.messages_per_minute, message_burst=self.message_burst,
+                      page_chars=self.max_page_chars)
 
     @property
     def resume_window(self) -> ResumeWindow:
@@ -196,6 +212,15 @@ async def parsed(request: Request, model: type[Body], optional: bool = False) ->
         raise bad_request(describe(error)) from None
 
 
+def path_param(request: Request | WebSocket, name: str) -> str:
+    """A part of the path, as text every database can store (the ASGI server has already replaced what is
+    not UTF-8, lone surrogates included)."""
+    value = request.path_params[name]
+    if "\x00" in value:
+        raise bad_request(f"{name}: {NUL_REFUSED}")
+    return value
+
+
 def page_of(request: Request) -> Page:
     try:
         query = ListQuery.model_validate(dict(request.query_params))
@@ -218,19 +243,71 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+async def ready(request: Request) -> JSONResponse:
+    """200 when the database (and Redis, where configured) answer; 503 naming those that do not."""
+    app = state(request)
+    checks = {"database": app.store.check()}
+    if app.config.redis_url:
+        checks["redis"] = app.broker.ping()
+    answered = await asyncio.gather(*map(answers, checks.values()))
+    if down := [name for name, up in zip(checks, answered, strict=True) if not up]:
+        return JSONResponse({"status": "unavailable", "down": down}, status.HTTP_503_SERVICE_UNAVAILABLE)
+    return JSONResponse({"status": "ok"})
+
+
+async def answers(check) -> bool:
+    try:
+        async with asyncio.timeout(READY_CHECK_SECONDS):
+            await check
+    except Exception as error:
+        log.warning("readiness: %s", error or type(error).__name__)
+        return False
+    return True
+
+
+async def metrics_page(request: Request) -> Response:
+    return Response(generate_latest(state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def docs_page(request: Request) -> HTMLResponse:
+    return HTMLResponse(openapi.INTERACTIVE_PAGE)
+
+
 async def demo_page(request: Request) -> HTMLResponse:
     """The demo page. In dev mode (no JWT_SECRET_KEY), to a browser on this machine, it comes with alice's
     and bob's tokens, as the start-up log does; never to another host."""
     page = state(request).demo_page
     jwt_settings = state(request).jwt
-    if jwt_settings.secret_is_generated and request.client and request.client.host in ("127.0.0.1", "::1"):
+    if jwt_settings.secret_is_generated and straight_from_this_machine(request.scope):
         tokens = json.dumps({sub: jwt_settings.mint(sub) for sub in ("alice", "bob")})
         page = page.replace(DEMO_TOKENS_SLOT, DEMO_TOKENS_SLOT.replace(">null<", f">{tokens}<"))
     return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
 
+def straight_from_this_machine(scope) -> bool:
+    """Whether the connection came from this machine, with no proxy in between. A request that names a
+    forwarded client came through a proxy, whatever it says; without such a header, `client` is the peer
+    as the socket has it (a proxy-headers middleware rewrites it only from X-Forwarded-For), and
+    `server`, the address the connection reached, is never rewritten: a remote peer cannot reach loopback."""
+    if any(name in FORWARDING_HEADERS for name, _ in scope["headers"]):
+        return False
+    return all(address is not None and is_loopback(address[0]) for address in (scope.get("client"),
+                                                                                scope.get("server")))
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 async def openapi_document(request: Request) -> JSONResponse:
-    return JSONResponse(state(request).openapi)
+    # The server is the one asked: a client that imports the document (Postman) sends its requests there.
+    return JSONResponse(state(request).openapi | {"servers": [{"url": str(request.base_url).rstrip("/")}]})
 
 
 async def list_assistants(request: Request) -> JSONResponse:
@@ -246,12 +323,12 @@ async def create_assistant(request: Request) -> JSONResponse:
 
 
 async def get_assistant(request: Request) -> JSONResponse:
-    assistant = await state(request).store.find_assistant(request.user.sub, request.path_params["assistant"])
+    assistant = await state(request).store.find_assistant(request.user.sub, path_param(request, "assistant"))
     return JSONResponse(assistant.as_json())
 
 
 async def delete_assistant(request: Request) -> Response:
-    await state(request).store.delete_assistant(request.user.sub, request.path_params["assistant"])
+    await state(request).store.delete_assistant(request.user.sub, path_param(request, "assistant"))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -267,7 +344,7 @@ async def create_thread(request: Request) -> JSONResponse:
 
 
 async def visible_thread(request: Request | WebSocket):
-    return await state(request).store.visible_thread(request.path_params["thread_id"], request.user.sub)
+    return await state(request).store.visible_thread(path_param(request, "thread_id"), request.user.sub)
 
 
 async def owned_thread(request: Request):
@@ -347,10 +424,16 @@ async def until_runs_end(connection: Connection, submission: Submission, store: 
     waiting = {run.id for run in submission.runs}
     while waiting:
         try:
-            frame = await connection.get(within=RUN_CHECK_SECONDS if connection.live else OUTAGE_RUN_CHECK_SECONDS)
-        except Closed as closed:  # the service is stopping (its runs wait in the store), or the thread was deleted
-            raise (ServiceStopping() if closed.code == status.WS_1001_GOING_AWAY else NotFound("thread not found")) \
-                from None
+            frame = await connection.get(within=RUN_CHECK_SECONDS if connection.live else RUN_POLL_SECONDS)
+        except Closed as closed:
+            if closed.code == WS_THREAD_DELETED:
+                raise NotFound("thread not found") from None
+            if closed.code == status.WS_1001_GOING_AWAY:  # its runs wait in the store for the next process
+                raise ServiceStopping() from None
+            while waiting:  # closed for another reason (too far behind, its user removed): the runs go on
+                await asyncio.sleep(RUN_POLL_SECONDS)
+                waiting -= await store.ended(waiting)
+            return
         if frame is None or frame.type == "resync":
             waiting -= await store.ended(waiting)
         elif frame.type in TERMINAL:
@@ -394,7 +477,7 @@ async def own_events(connection: Connection, submission: Submission, user: User,
     waiting = {run.id for run in submission.runs}
     message_id = submission.message and submission.message["id"]
     announced = message_id is None
-    async for frame in frames_until_expiry(connection, user, None if connection.live else OUTAGE_RUN_CHECK_SECONDS):
+    async for frame in frames_until_expiry(connection, user, None if connection.live else RUN_POLL_SECONDS):
         if frame is None:
             yield ": keep-alive\n\n"
             # Quiet for a while: an event may have been lost on the way (the broker was down).
@@ -437,7 +520,7 @@ def resume_point(value: str | None) -> int | None:
 
 async def cancel_run(request: Request) -> JSONResponse:
     thread = await visible_thread(request)
-    run = await cancel(state(request), thread.id, request.path_params["run_id"], request.user.sub)
+    run = await cancel(state(request), thread.id, path_param(request, "run_id"), request.user.sub)
     return JSONResponse({"run_id": run.id, "status": run.status}, status.HTTP_202_ACCEPTED)
 
 
@@ -457,7 +540,8 @@ async def thread_socket(websocket: WebSocket) -> None:
         after = resume_point(websocket.query_params.get("after"))
         async with app.hub.joined(thread.id, user.sub, after=after,
                                   socket_limit=app.config.max_sockets_per_user) as connection:
-            close_code = await serve_socket(websocket, connection, user, app)
+            with app.metrics.sockets_open.track_inprogress():
+                close_code = await serve_socket(websocket, connection, user, app)
     except (NotFound, TooManySockets, BrokerUnavailable, HTTPException) as error:  # before the handshake is accepted
         return await websocket.send_denial_response(await handle_error(websocket, error))
     if close_code is not None:
@@ -486,8 +570,9 @@ async def serve_socket(websocket: WebSocket, connection: Connection, user: User,
 
 
 async def read_frames(websocket: WebSocket, connection: Connection, thread_id: str, sub: str, app) -> None:
-    def reply_error(code: str, message: str) -> None:
-        connection.note({"type": "error", "error": {"code": code, "message": message}})
+    def reply_error(code: str, message: str, retry_after: float | None = None) -> None:
+        error = {"code": code, "message": message} | ({"retry_after": retry_after} if retry_after else {})
+        connection.note({"type": "error", "error": error})
 
     while True:
         message = await websocket.receive()
@@ -516,7 +601,8 @@ async def read_frames(websocket: WebSocket, connection: Connection, thread_id: s
         except Conflict as error:
             reply_error("conflict", error.message)
         except LimitReached as error:
-            reply_error("limit_reached", error.message)
+            app.metrics.limit_hit(thread_socket)
+            reply_error("limit_reached", error.message, error.retry_after)
         except ServiceStopping as error:
             reply_error("unavailable", error.message)
 
@@ -542,6 +628,7 @@ async def handle_error(request: Request | WebSocket, error: Exception) -> Respon
     if isinstance(error, Conflict):
         return error_response(status.HTTP_409_CONFLICT, error.message)
     if isinstance(error, (LimitReached, TooManySockets)):
+        state(request).metrics.limit_hit(request.scope.get("endpoint"))
         return error_response(status.HTTP_429_TOO_MANY_REQUESTS, error.message,
                               retry_after(getattr(error, "retry_after", None)))
     if isinstance(error, (ServiceStopping, BrokerUnavailable)):
@@ -640,7 +727,10 @@ async def lifespan(app: Starlette):
     config: Config = app.state.config
     async with contextlib.AsyncExitStack() as stack:
         store = Store(database_for(config.database_url), config.limits)
-        await store.open()
+        try:
+            await store.open()
+        except DatabaseUnreachable as error:
+            raise StartupRefused(f"{error} ({redacted_url(config.database_url)})") from None
         stack.push_async_callback(store.close)
         broker = broker_for(config.redis_url, config.resume_window, config.redis_prefix)
         if not broker.shared_across_processes() and not await store.db.hold_process_lock():
@@ -648,6 +738,11 @@ async def lifespan(app: Starlette):
         if app.state.jwt is None:
             secret, _ = await store.setting(JWT_SECRET_SETTING, generate_secret)
             app.state.jwt = JWTSettings.from_env(config.environ, generated_secret=secret)
+        if app.state.jwt.secret_is_generated:
+            log.warning("Demo sign-in is on (no JWT_SECRET_KEY): the page at / hands alice's and bob's tokens to a "
+                        "browser on this machine, never through a proxy; set JWT_SECRET_KEY to turn it off")
+        else:
+            log.info("Demo sign-in is off: JWT_SECRET_KEY is set")
 
         api_key, base_url = config.openai_api_key, config.openai_base_url
         if not api_key and not base_url:
@@ -670,7 +765,7 @@ async def lifespan(app: Starlette):
                                       item.get("instructions") or "", item.get("id"), update=True)
 
         hub = Hub(broker)
-        engine = Engine(client, store, ThreadEvents(broker.publish), broker.process_id,
+        engine = Engine(client, store, MeasuredEvents(broker.publish, app.state.metrics), broker.process_id,
                         context_chars=config.context_chars, lease_seconds=config.run_lease_seconds)
 
         def on_signal(message: dict) -> None:
@@ -683,7 +778,7 @@ async def lifespan(app: Starlette):
             elif kind == "members.removed":
                 hub.close_thread(message["thread_id"], WS_REMOVED_FROM_THREAD, set(message["subs"]))
 
-        await broker.open(hub.deliver, on_signal, hub.resync)
+        await broker.open(app.state.metrics.delivering(hub), on_signal, hub.resync)
         stack.push_async_callback(broker.close)
         log.info("Database: %s; live events: %s", redacted_url(config.database_url),
                  redacted_url(config.redis_url) if config.redis_url else "this process only (no REDIS_URL)")
@@ -720,8 +815,12 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+            Route("/metrics", metrics_page, methods=["GET"]),
             Route("/", demo_page, methods=["GET"]),
             Route("/openapi.json", openapi_document, methods=["GET"]),
+            Route("/docs", docs_page, methods=["GET"]),
+            Mount("/docs", StaticFiles(directory=swagger_ui_path), name="docs_assets"),
             Route("/assistants", list_assistants, methods=["GET"]),
             Route("/assistants", create_assistant, methods=["POST"]),
             Route("/assistants/{assistant}", get_assistant, methods=["GET"]),
@@ -746,6 +845,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
     )
     app.state.config = config
     app.state.jwt = jwt_settings
+    app.state.metrics = Metrics()
     app.state.openapi = openapi.document(app.routes, VERSION)
     app.state.demo_page = DEMO_PAGE.read_text()
     return app

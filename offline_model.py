@@ -40,6 +40,7 @@ FAULTS = (
     "refusal",  # the reply is a refusal part
     "commentary",  # a commentary message first, then the final answer
 )
+FAULTS_AFTER_TEXT = ("response_failed", "incomplete", "error_event", "flat_error_event", "disconnect", "malformed")
 RECEIVED_KEPT = 100
 
 

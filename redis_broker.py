@@ -155,6 +155,9 @@ class RedisBroker:
     def shared_across_processes(self) -> bool:
         return True
 
+    async def ping(self) -> None:
+        await self.redis.ping()
+
     def _thread_key(self, thread_id: str) -> str:
         return f"{self.prefix}t:{thread_id}"
 

@@ -29,7 +29,7 @@ from assistants import (
     stored_failure,
 )
 from conftest import eventually
-from offline_model import FAULTS, OfflineModel, item_text, serve_on_loopback, tokens
+from offline_model import FAULTS, FAULTS_AFTER_TEXT, OfflineModel, item_text, serve_on_loopback, tokens
 from store import Page, Store, database_for
 
 pytestmark = pytest.mark.anyio
@@ -73,6 +73,8 @@ class Recorder(RunEventHandler):
     def __init__(self, model: OfflineModel, tag: str | None = None, shared: "Recorder | None" = None):
         self.model, self.tag = model, tag
         self.hooks: list[Hook] = shared.hooks if shared else []
+        # The reply a failed run kept (apart from the hook's payload, the error, which tests read for secrets).
+        self.failed_replies: dict[str, dict | None] = shared.failed_replies if shared else {}
         self._changed: asyncio.Event = shared._changed if shared else asyncio.Event()
 
     def view(self, tag: str) -> "Recorder":
@@ -95,7 +97,8 @@ class Recorder(RunEventHandler):
     async def on_run_completed(self, thread_id, run_id, message, usage):
         self._add("run_completed", thread_id, run_id, {"message": message, "usage": usage})
 
-    async def on_run_failed(self, thread_id, run_id, error):
+    async def on_run_failed(self, thread_id, run_id, error, message):
+        self.failed_replies[run_id] = message
         self._add("run_failed", thread_id, run_id, error)
 
     async def on_run_cancelled(self, thread_id, run_id, by, message):
@@ -378,7 +381,16 @@ async def test_each_upstream_failure_is_typed_reported_and_recoverable(rig, faul
     recorded = stored_failure(run.error)  # as a request waiting for the run reports it
     assert type(recorded) is kind
     assert recorded.retry_after == error.retry_after
-    assert await replies(s.store, s.thread_id) == []  # a failed run's partial text is not a reply
+    # What streamed before the failure is kept, marked, and is what run.failed carries.
+    shown, kept = "".join(s.events.deltas(run_id)), s.events.failed_replies[run_id]
+    if fault in FAULTS_AFTER_TEXT:
+        assert shown
+    if shown:
+        assert kept is not None and kept["content"] == shown and kept["failed"] is True
+        assert kept["run_id"] == run_id and run.reply_id == kept["id"]
+        assert await replies(s.store, s.thread_id) == [kept]
+    else:
+        assert kept is None and await replies(s.store, s.thread_id) == []
     again = await s.engine.submit(s.thread_id, "alice", None, [s.assistant])
     await s.events.ended(again.runs[0].id)
     (completed,) = s.events.of("run_completed", again.runs[0].id)

@@ -1,5 +1,7 @@
 """The fast path for text deltas (assistants.stream_events) against the SDK's own parsing of the same bytes:
-the SDK's `responses.create(stream=True)` with strict validation, event by event and error by error.
+the SDK's `responses.create(stream=True)` as it reads by default (events built, not validated), event by
+event and error by error. The offline model's streams are also held to the SDK's strict validation: what the
+service sends must be exact; what it accepts is as lenient as the SDK.
 
 The offline model's streams, every fault included, go over real HTTP. Byte-level cases (events split across
 network reads at every size, CRLF and CR line ends, U+2028 inside a delta, multi-line data, comments) need
@@ -13,8 +15,9 @@ import openai
 import pytest
 from openai.types.responses import ResponseRefusalDeltaEvent, ResponseTextDeltaEvent
 
-from assistants import TextDelta, stream_events
+from assistants import Engine, RunEventHandler, TextDelta, stream_events
 from offline_model import FAULTS, OfflineModel, serve_on_loopback
+from store import Store, database_for
 
 pytestmark = pytest.mark.anyio
 REQUEST = {"model": "gpt-test", "input": [{"type": "message", "role": "user", "content": "[alice] say something"}]}
@@ -78,17 +81,21 @@ async def model_url():
 
 
 @pytest.mark.parametrize("fault", [None, *FAULTS])
-async def test_every_stream_of_the_offline_model_reads_the_same_both_ways(model_url, fault):
+async def test_every_stream_of_the_offline_model_reads_the_same_both_ways_and_passes_strict_validation(
+        model_url, fault):
     model, url = model_url
-    client = openai.AsyncOpenAI(base_url=url, api_key="offline", max_retries=0, timeout=2,
-                                _strict_response_validation=True)
+    strict, lenient = (openai.AsyncOpenAI(base_url=url, api_key="offline", max_retries=0, timeout=2,
+                                          _strict_response_validation=validate) for validate in (True, False))
     results = []
-    for read in (through_sdk, through_fast_path):
+    for read, client in ((through_sdk, strict), (through_sdk, lenient), (through_fast_path, lenient)):
         if fault:
             model.fail_next(fault)
         results.append(await read(client))
-    await client.close()
-    (sdk_events, sdk_error), (fast_events, fast_error) = results
+    await strict.close()
+    await lenient.close()
+    (strict_events, strict_error), (sdk_events, sdk_error), (fast_events, fast_error) = results
+    assert without_ids(strict_events) == without_ids(sdk_events)
+    assert strict_error == sdk_error  # no APIResponseValidationError: the stand-in's wire is exact
     assert without_ids(fast_events) == without_ids(sdk_events)
     assert fast_error == sdk_error
     assert sdk_events or sdk_error  # the case is not empty
@@ -145,7 +152,8 @@ def in_chunks(body: bytes, size: int) -> list[bytes]:
 
 
 def served(chunks: list[bytes], then: Exception | None = None) -> openai.AsyncOpenAI:
-    """A client whose upstream answers every request with `chunks`, read by read (then raises `then`)."""
+    """A client whose upstream answers every request with `chunks`, read by read (then raises `then`). It reads
+    as the SDK does by default, and as the service must: without validating events."""
     async def body():
         for chunk in chunks:
             yield chunk
@@ -156,8 +164,7 @@ def served(chunks: list[bytes], then: Exception | None = None) -> openai.AsyncOp
         return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=body())
 
     return openai.AsyncOpenAI(api_key="sk-test", base_url="http://upstream.test/v1", max_retries=0,
-                              http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)),
-                              _strict_response_validation=True)
+                              http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)))
 
 
 async def both_ways(chunks: list[bytes], then: Exception | None = None):
@@ -174,6 +181,38 @@ refusal = [event | {"type": "response.refusal.delta"} if event["type"] == "respo
            for event in text_reply()]
 for event in refusal:
     event.pop("logprobs", None) if event["type"] == "response.refusal.delta" else None
+
+
+def without(events: list[dict], *fields: str, where=lambda event: True) -> list[dict]:
+    return [{key: value for key, value in event.items() if key not in fields} if where(event) else event
+            for event in events]
+
+
+def bridged(events: list[dict]) -> list[dict]:
+    """As the LiteLLM proxy's Responses bridge sends it (seen 2026-12): no logprobs on the done events, no
+    usage details."""
+    events = without(events, "logprobs", where=lambda event: event["type"] != "response.output_text.delta")
+    for event in events:
+        if usage := event.get("response", {}).get("usage"):
+            for details in ("input_tokens_details", "output_tokens_details"):
+                usage.pop(details)
+    return events
+
+
+def sparse(events: list[dict]) -> list[dict]:
+    """As other bridges send it: no sequence_number, no content_index, no item_id on deltas."""
+    events = without(events, "sequence_number", "content_index")
+    return without(events, "item_id", where=lambda event: event["type"] == "response.output_text.delta")
+
+
+def with_extras(events: list[dict]) -> list[dict]:
+    return [event | {"x_vendor": {"trace": "abc"}} for event in events]
+
+
+unknown_event = text_reply()
+unknown_event.insert(3, {"type": "response.something_new", "sequence_number": 99, "detail": "from the future"})
+no_usage = text_reply()
+no_usage[-1] = no_usage[-1] | {"response": response("completed")}
 BODIES = {
     "text": sse(text_reply()),
     "refusal deltas": sse(refusal),
@@ -187,6 +226,11 @@ BODIES = {
     "not JSON": sse(text_reply())[:200] + b'\n\ndata: {"type": "response.output_text.del\n\n',
     "cut short in an event": sse(text_reply())[:-40],
     "[DONE]": sse(text_reply()[:3]) + b"data: [DONE]\n\n" + sse(text_reply()[3:]),
+    "no logprobs, no usage details (a bridge)": sse(bridged(text_reply())),
+    "no sequence_number, content_index or item_id": sse(sparse(text_reply())),
+    "fields of a vendor's own": sse(with_extras(text_reply())),
+    "an event newer than the SDK": sse(unknown_event),
+    "no usage": sse(no_usage),
 }
 
 
@@ -213,13 +257,22 @@ async def test_deltas_skip_pydantic_and_other_events_are_the_sdks_own_types():
     assert {type(event).__module__.split(".")[0] for event in events if not isinstance(event, TextDelta)} == {"openai"}
 
 
-async def test_an_event_newer_than_the_sdk_is_skipped_where_strict_parsing_would_fail():
-    newer = text_reply()
-    newer.insert(3, {"type": "response.something_new", "sequence_number": 99, "detail": "from the future"})
-    (_, sdk_error), (fast_events, fast_error) = await both_ways([sse(newer)])
-    assert sdk_error[0] is openai.APIResponseValidationError
-    assert fast_error is None
-    assert fast_events == (await through_fast_path(served([sse(text_reply())])))[0]
+async def test_streams_that_strict_validation_refuses_are_read_without_error():
+    """What failed every run behind real bridges: the service's own validation was stricter than the SDK's."""
+    strict = openai.AsyncOpenAI(api_key="sk-test", base_url="http://upstream.test/v1", max_retries=0,
+                                http_client=served([])._client, _strict_response_validation=True)
+    for body in (sse(bridged(text_reply())), sse(sparse(text_reply())), sse(unknown_event)):
+        strict._client = served([body])._client
+        assert (await through_sdk(strict))[1][0] is openai.APIResponseValidationError
+        events, error = await through_fast_path(served([body]))
+        assert error is None
+        assert "".join(event[3] for event in events if event[0] == "delta") == "Hello wor\u2028ld é 😀"
+
+
+async def test_an_event_that_is_not_an_object_is_skipped():
+    """The SDK would hand it on as it is (a list), and the code reading events would fail on it."""
+    body = sse(text_reply()[:3]) + b"data: [1, 2]\n\n" + b'data: "text"\n\n' + sse(text_reply()[3:])
+    assert await through_fast_path(served([body])) == await through_fast_path(served([sse(text_reply())]))
 
 
 async def test_closing_the_fast_path_early_closes_the_upstream_response():
@@ -259,3 +312,75 @@ async def test_the_history_sent_as_it_is_is_what_the_sdks_own_transform_would_se
     params = {"model": "m", "input": history, "stream": True}
     transformed = await async_maybe_transform(params, response_create_params.ResponseCreateParamsStreaming)
     assert transformed["input"] == history
+
+
+class Ends(RunEventHandler):
+    def __init__(self):
+        self.deltas, self.ended = [], asyncio.Event()
+
+    async def on_text_delta(self, thread_id, run_id, delta):
+        self.deltas.append(delta)
+
+    async def on_run_completed(self, thread_id, run_id, message, usage):
+        self.outcome = ("completed", message, usage)
+        self.ended.set()
+
+    async def on_run_failed(self, thread_id, run_id, error, message):
+        self.outcome = ("failed", error.code, message)
+        self.ended.set()
+
+
+@pytest.mark.parametrize("body", [sse(bridged(text_reply())), sse(sparse(text_reply())), sse(with_extras(text_reply())),
+                                  sse(unknown_event)], ids=["bridged", "sparse", "extras", "newer event"])
+async def test_a_run_on_a_lenient_stream_completes_with_its_reply_and_usage_stored(tmp_path, body):
+    store = Store(database_for(f"sqlite:///{tmp_path}/gainz.db"))
+    await store.open()
+    assistant, _ = await store.create_or_load_assistant("alice", "helper", "m", "")
+    thread = await store.create_thread("alice", [], None)
+    events = Ends()
+    engine = Engine(served([body]), store, events, "runner-a")
+    try:
+        submission = await engine.submit(thread.id, "alice", "hello", [assistant])
+        await asyncio.wait_for(events.ended.wait(), 10)
+    finally:
+        await engine.stop(grace_seconds=1)
+        await store.close()
+    status, message, usage = events.outcome
+    assert status == "completed"
+    assert message["content"] == "".join(events.deltas) == "Hello wor\u2028ld é 😀"
+    assert usage == {"input_tokens": 3, "output_tokens": 4}
+    (run,) = await reopened_runs(tmp_path, submission.runs[0].id)
+    assert run.usage == usage and run.reply_id == message["id"]
+
+
+async def test_a_delta_or_usage_that_cannot_be_read_is_logged_by_name_and_left_out(tmp_path, caplog):
+    events = text_reply()
+    events[3] = events[3] | {"delta": 5}
+    events[-1]["response"]["usage"] |= {"input_tokens": "many"}
+    store = Store(database_for(f"sqlite:///{tmp_path}/gainz.db"))
+    await store.open()
+    assistant, _ = await store.create_or_load_assistant("alice", "helper", "m", "")
+    thread = await store.create_thread("alice", [], None)
+    handler = Ends()
+    engine = Engine(served([sse(events)]), store, handler, "runner-a")
+    try:
+        await engine.submit(thread.id, "alice", "hello", [assistant])
+        await asyncio.wait_for(handler.ended.wait(), 10)
+    finally:
+        await engine.stop(grace_seconds=1)
+        await store.close()
+    assert handler.outcome[0] == "completed"
+    assert handler.outcome[1]["content"] == "lo wor\u2028ld é 😀"
+    assert handler.outcome[2] == {"input_tokens": None, "output_tokens": 4}
+    logged = caplog.text
+    assert "response.output_text.delta: field delta cannot be read" in logged
+    assert "response.completed: field usage.input_tokens cannot be read" in logged
+
+
+async def reopened_runs(tmp_path, *run_ids):
+    store = Store(database_for(f"sqlite:///{tmp_path}/gainz.db"))
+    await store.open()
+    try:
+        return await store.runs(list(run_ids))
+    finally:
+        await store.close()

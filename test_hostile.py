@@ -22,7 +22,7 @@ from websockets.exceptions import InvalidStatus
 from auth import JWTSettings
 from conftest import TEST_SECRET, config_for, eventually, frames_until, next_frame, serve_live, sse_events, writer_tasks
 from main import MAX_BODY_BYTES, MAX_FRAME_CHARS, create_app
-from offline_model import FAULTS
+from offline_model import FAULTS, FAULTS_AFTER_TEXT
 from redis_broker import RedisBroker
 
 pytestmark = pytest.mark.anyio
@@ -133,16 +133,16 @@ def test_any_list_query_gets_a_page_or_a_contract_4xx(hostile_client, thread_id,
 
 
 ID = TEXT.filter(lambda text: text.strip("./") and "/" not in text)
-ID_ROUTES = {  # (method, path with {id}): statuses; the ids are never the thread's own
-    ("GET", "/threads/{id}"): {404},
-    ("GET", "/threads/{id}/messages"): {404},
+ID_ROUTES = {  # (method, path with {id}): statuses (400: a NUL in the id); the ids are never the thread's own
+    ("GET", "/threads/{id}"): {400, 404},
+    ("GET", "/threads/{id}/messages"): {400, 404},
     ("PATCH", "/threads/{id}"): {400, 404},
-    ("DELETE", "/threads/{id}"): {404},
-    ("GET", "/assistants/{id}"): {200, 404},  # an id that names the shared "assistant" is found
-    ("DELETE", "/assistants/{id}"): {404},  # alice owns none here
-    ("POST", "/threads/{id}/runs"): {404},
-    ("POST", "/threads/{thread}/runs/{id}/cancel"): {404},
-    ("POST", "/threads/{id}/runs/run_0/cancel"): {404},
+    ("DELETE", "/threads/{id}"): {400, 404},
+    ("GET", "/assistants/{id}"): {200, 400, 404},  # an id that names the shared "assistant" is found
+    ("DELETE", "/assistants/{id}"): {400, 404},  # alice owns none here
+    ("POST", "/threads/{id}/runs"): {400, 404},
+    ("POST", "/threads/{thread}/runs/{id}/cancel"): {400, 404},
+    ("POST", "/threads/{id}/runs/run_0/cancel"): {400, 404},
 }
 
 
@@ -154,6 +154,56 @@ def test_any_id_in_a_path_gets_a_contract_4xx(hostile_client, thread_id, auth, r
     response = hostile_client.request(method, url, json={"title": "x"} if method == "PATCH" else None,
                                       headers=auth("alice"))
     assert_contract_answer(response, ID_ROUTES[route])
+
+
+# ---------------------------------------------------------------- NUL, which PostgreSQL cannot store
+
+NUL = "nul\u0000here"
+NUL_BODIES = {  # (method, path, body) -> the field the 400 names
+    ("POST", "/threads", json.dumps({"title": NUL})): "title",
+    ("POST", "/threads", json.dumps({"members": ["bob", NUL]})): "members[1]",
+    ("PATCH", "/threads/{thread}", json.dumps({"title": NUL})): "title",
+    ("PATCH", "/threads/{thread}", json.dumps({"members": [NUL]})): "members[0]",
+    ("POST", "/assistants", json.dumps({"name": NUL})): "name",
+    ("POST", "/assistants", json.dumps({"name": "poet", "model": NUL})): "model",
+    ("POST", "/assistants", json.dumps({"name": "poet", "instructions": NUL})): "instructions",
+    ("POST", "/threads/{thread}/messages", json.dumps({"content": NUL})): "content",
+    ("POST", "/threads/{thread}/messages", json.dumps({"content": "hi", "assistant": NUL})): "assistant",
+    ("POST", "/threads/{thread}/runs", json.dumps({"assistants": ["assistant", NUL]})): "assistants[1]",
+    ("GET", "/threads/%00", None): "thread_id",
+    ("GET", "/threads/{thread}%00/messages", None): "thread_id",
+    ("GET", "/assistants/assistant%00", None): "assistant",
+    ("DELETE", "/assistants/x%00", None): "assistant",
+    ("POST", "/threads/{thread}/runs/run%00/cancel", None): "run_id",
+    ("GET", "/threads/{thread}/messages?after=msg%00", None): "after",
+    ("GET", "/threads?before=%00", None): "before",
+    ("GET", "/assistants?after=a%00b", None): "after",
+}
+NUL_FRAMES = {json.dumps({"type": "message", "content": NUL}): "content",
+              json.dumps({"type": "run", "assistant": NUL}): "assistant",
+              json.dumps({"type": "cancel", "run_id": NUL}): "run_id"}
+
+
+def test_nul_in_any_text_is_refused_naming_the_field_and_nothing_is_stored_on_either_database(
+        make_app, database_url, auth):
+    with TestClient(make_app(database_url=database_url), raise_server_exceptions=False) as client:
+        thread = client.post("/threads", json={"members": ["bob"]}, headers=auth("alice")).json()["id"]
+        for (method, path, body), field in NUL_BODIES.items():
+            response = client.request(method, path.format(thread=thread), content=body, headers=auth("alice"))
+            assert response.status_code == 400, (path, body, response.status_code, response.text[:200])
+            assert response.json()["detail"].startswith(f"{field}: must not contain NUL"), (path, body)
+        with client.websocket_connect(f"/threads/{thread}/ws", headers=auth("alice")) as ws:
+            assert ws.receive_json()["type"] == "thread.joined"
+            for frame, field in NUL_FRAMES.items():
+                ws.send_text(frame)
+                error = ws.receive_json()
+                assert error["type"] == "error" and error["error"]["code"] == "invalid_frame"
+                assert error["error"]["message"].startswith(f"{field}: must not contain NUL"), frame
+        assert denial_status(client, "/threads/%00/ws", auth("alice")) == 400
+        assert client.get(f"/threads/{thread}/messages", headers=auth("alice")).json()["data"] == []
+        assert [t["title"] for t in client.get("/threads", headers=auth("alice")).json()["data"]] == [None]
+        assert [a["name"] for a in client.get("/assistants", headers=auth("alice")).json()["data"]] == ["assistant"]
+        assert_still_serving(client, auth, thread)
 
 
 # ---------------------------------------------------------------- junk resume points
@@ -298,6 +348,25 @@ async def shared(tmp_path_factory):
                                   openai_timeout_seconds=1.0, max_runs_per_user=4)
     async with serve_live(create_app(config, JWTSettings(secret=TEST_SECRET))) as service:
         yield service
+
+
+@pytest.mark.parametrize(("reached", "peer", "header", "signed_in"), [
+    ("127.0.0.1", "127.0.0.1", None, True),
+    ("[::1]", "::1", None, True),
+    # What a proxy-headers middleware leaves when it took the peer from X-Forwarded-For: the header is there.
+    ("127.0.0.1", "127.0.0.1", ("X-Forwarded-For", "127.0.0.1"), False),
+    ("127.0.0.1", "127.0.0.1", ("Forwarded", "for=127.0.0.1"), False),
+    # A peer that reached this machine on an address of its network: never from this machine alone.
+    ("192.0.2.10", "127.0.0.1", None, False),
+    ("127.0.0.1", "192.0.2.20", None, False),
+], ids=["loopback", "loopback v6", "x-forwarded-for", "forwarded", "reached from the network", "remote peer"])
+def test_demo_tokens_go_only_to_a_connection_between_two_loopback_addresses_with_no_proxy(
+        tmp_path, reached, peer, header, signed_in):
+    app = create_app(config_for(tmp_path))  # no JWT_SECRET_KEY: dev mode
+    with TestClient(app, base_url=f"http://{reached}", client=(peer, 50000)) as client:
+        page = client.get("/", headers=dict([header]) if header else {}).text
+    assert ('type="application/json">null</script>' not in page) is signed_in
+    assert ("eyJ" in page) is signed_in
 
 
 async def joined_socket(live, thread: str, headers: dict, query: str = ""):
@@ -471,7 +540,8 @@ async def test_a_fault_fails_the_run_on_every_transport_keeps_the_message_and_th
     expected = {}
     for fault, (ends, status_code) in FAULT_OUTCOMES.items():
         failed = ends.startswith("run.failed")
-        over_rest = (201, 0, [ends.split()[1]]) if failed else (201, 1, [])
+        # A run that fails after text streamed answers with that text among the replies, marked failed.
+        over_rest = (201, int(fault in FAULTS_AFTER_TEXT), [ends.split()[1]]) if failed else (201, 1, [])
         expected[fault] = (ends, ends, True, over_rest, status_code, ends, (1, []),
                            ["over the socket", "over sse", "over rest", "after"])
     assert outcomes == expected

@@ -786,8 +786,9 @@ async def test_every_run_started_is_answered_by_exactly_one_ending_on_every_sock
         assert (await next_frame(ws))["type"] == "error"
     assert normalised(seen[1]) == normalised(seen[0])
     assert normalised(seen[2]) == normalised(seen[0])
-    completed, cancelled, _ = run_ends(seen[0])
-    assert await replies(slow, auth, thread_id) == [completed["message"], cancelled["message"]]
+    completed, cancelled, failed = run_ends(seen[0])
+    assert failed["message"]["failed"] is True  # it streamed a little before failing: that is kept
+    assert await replies(slow, auth, thread_id) == [completed["message"], cancelled["message"], failed["message"]]
 
 
 # ---------------------------------------------------------------- membership and deletion
@@ -833,6 +834,22 @@ async def test_deleting_a_thread_mid_run_closes_its_sockets_and_stops_its_run(sl
     assert await eventually(lambda: slow.state.offline_model.streams_open == 0, timeout=1)
     assert await eventually(lambda: slow.state.engine.active_runs() == 0)
     assert (await slow.http.get(f"/threads/{thread_id}/messages", headers=auth("alice"))).status_code == 404
+
+
+async def test_a_member_removed_while_waiting_for_their_run_still_gets_its_answer(slow, auth, join):
+    """Their listener on the thread is closed with 4403, but the message and its run were accepted: the
+    answer comes from the store, never a 404 for a thread that still exists."""
+    thread_id = await slow.new_thread(auth, members=["bob"])
+    alice, _ = await join(slow, thread_id, "alice")
+    post = asyncio.create_task(slow.http.post(f"/threads/{thread_id}/messages", json={"content": LONG},
+                                              headers=auth("bob")))
+    await frames_until(alice, "text.delta", count=3)
+    changed = await slow.http.patch(f"/threads/{thread_id}", json={"members": []}, headers=auth("alice"))
+    assert changed.status_code == 200
+    answer = await post
+    assert answer.status_code == 201, answer.text
+    completed = (await frames_until(alice, "run.completed"))[-1]
+    assert answer.json()["replies"] == [completed["message"]]
 
 
 # ---------------------------------------------------------------- limits and bounds
@@ -1005,6 +1022,30 @@ async def test_on_sigterm_every_socket_is_sent_1001_before_uvicorn_shuts_its_con
         for connection in TrackedWebSockets.made:
             connection.shutdown()
         assert [await close_code(ws) for ws in sockets] == [1001] * 3
+
+
+async def test_a_socket_opened_once_the_service_has_closed_its_sockets_gets_1001_too(
+        make_app, auth, jwt_settings, monkeypatch):
+    """Between the service's stop() and uvicorn's shutdown of its connections, a handshake may still be
+    accepted: that socket is told 1001 (going away) as the others were, not left for uvicorn's 1012."""
+    stops = []
+
+    @contextlib.contextmanager
+    def keep_stop(stop):
+        stops.append(stop)
+        yield
+
+    monkeypatch.setattr(main, "stop_gracefully_on_signals", keep_stop)
+    monkeypatch.setattr(TrackedWebSockets, "made", [])
+    async with serve_live(make_app(), ws=TrackedWebSockets) as server:
+        thread_id = await server.new_thread(auth)
+        await stops[0]()
+        async with connect(server.socket_url(thread_id), additional_headers=bearer(jwt_settings.mint("alice")),
+                           close_timeout=1) as late:
+            await eventually(lambda: late.close_code is not None)  # the service's own close, if any, comes first
+            for connection in TrackedWebSockets.made:
+                connection.shutdown()
+            assert await close_code(late) == 1001
 
 
 @pytest.mark.parametrize("mid_run", [False, True], ids=["idle", "mid_run"])

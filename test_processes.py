@@ -6,6 +6,7 @@ order, limits, cancels, a process dying mid-run and Redis restarting mid-stream.
 import asyncio
 import json
 import re
+import secrets
 import signal
 import subprocess
 
@@ -93,7 +94,8 @@ async def test_threads_messages_assistants_and_tokens_survive_a_restart(servers,
 
 
 async def test_a_run_cut_off_by_kill_9_runs_again_at_the_next_start_and_ends_exactly_once(servers, tmp_path, http):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/gainz.db", "OFFLINE_TOKEN_DELAY": "0.05"}
+    # A short lease: the next start waits for the dead process's lease to run out before it takes the run.
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/gainz.db", "OFFLINE_TOKEN_DELAY": "0.05", "RUN_LEASE_SECONDS": "3"}
     first = await servers(env)
     thread_id = (await http.post(f"{first.url}/threads", headers=bearer("alice"))).json()["id"]
     ws, _ = await socket_on(first, thread_id, bearer("alice"))
@@ -140,6 +142,46 @@ async def test_sigterm_lets_the_active_run_finish_and_leaves_queued_ones_for_the
 async def replies_count(http, server, thread_id, count):
     replies = [m for m in await messages(http, server, thread_id, bearer("alice")) if m["role"] == "assistant"]
     return replies if len(replies) >= count else None
+
+
+# ---------------------------------------------------------------- start-up
+
+NO_DEMO_TOKENS = '<script id="demo-tokens" type="application/json">null</script>'
+
+
+async def test_demo_sign_in_is_for_a_browser_on_this_machine_never_through_forwarded_headers(servers, tmp_path,
+                                                                                             http):
+    """uvicorn with --forwarded-allow-ips '*' takes the client's address from X-Forwarded-For: anyone
+    could claim to be 127.0.0.1. Demo tokens go only to a request that names no forwarded client."""
+    dev = await servers({"JWT_SECRET_KEY": "", "DATABASE_URL": f"sqlite:///{tmp_path}/dev.db"},
+                        args=("--forwarded-allow-ips", "*"))
+    direct = (await http.get(f"{dev.url}/")).text
+    tokens = json.loads(re.search(r'<script id="demo-tokens" type="application/json">(.*?)</script>', direct)[1])
+    signed_in = await http.get(f"{dev.url}/threads", headers={"Authorization": f"Bearer {tokens['alice']}"})
+    assert signed_in.status_code == 200
+    for forwarded in ({"X-Forwarded-For": "127.0.0.1"}, {"X-Forwarded-For": "203.0.113.7, 127.0.0.1"},
+                      {"Forwarded": "for=127.0.0.1"}, {"X-Real-IP": "::1"}):
+        page = await http.get(f"{dev.url}/", headers=forwarded)
+        assert page.status_code == 200
+        assert NO_DEMO_TOKENS in page.text, forwarded
+        assert "eyJ" not in page.text
+    assert len(re.findall(r"Demo sign-in is on", dev.log())) == 1
+    secured = await servers({"DATABASE_URL": f"sqlite:///{tmp_path}/secured.db"}, args=("--forwarded-allow-ips", "*"))
+    assert NO_DEMO_TOKENS in (await http.get(f"{secured.url}/")).text
+    assert len(re.findall(r"Demo sign-in is off: JWT_SECRET_KEY is set", secured.log())) == 1
+
+
+async def test_postgresql_unreachable_at_start_is_one_line_at_once(servers):
+    port = free_port()  # nothing listens there
+    started = asyncio.get_running_loop().time()
+    server = await servers({"DATABASE_URL": f"postgresql://postgres:secret@127.0.0.1:{port}/test"}, wait=False)
+    assert await asyncio.to_thread(server.process.wait, 60) == 3
+    assert asyncio.get_running_loop().time() - started < 9  # the pool would have tried for 10 s
+    log = server.log()
+    assert "Traceback" not in log
+    [line] = [line for line in log.splitlines() if "PostgreSQL" in line]
+    assert "unreachable" in line and "Connection refused" in line and str(port) in line
+    assert "secret" not in log
 
 
 # ---------------------------------------------------------------- several processes
@@ -189,6 +231,59 @@ async def test_two_processes_on_postgresql_behave_as_one_service(servers, postgr
         await ws.close()
 
 
+@pytest.fixture
+def new_postgres_database():
+    """new_postgres_database() -> the URL of a PostgreSQL database created empty now; all dropped at the end."""
+    import psycopg
+
+    from conftest import POSTGRES_URL, reachable
+
+    require(reachable("127.0.0.1", 5432), "PostgreSQL (127.0.0.1:5432)")
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"gainz_fresh_{secrets.token_hex(4)}"
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        made.append(name)
+        return POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+
+    yield make
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
+        for name in made:
+            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def every_worker_started(server, workers: int) -> None:
+    await until(lambda: asyncio.sleep(0, server.log().count("Application startup complete.") >= workers), 60)
+    assert server.process.poll() is None, server.log()
+
+
+async def test_processes_starting_together_on_brand_new_databases_migrate_them_once(
+        servers, new_postgres_database, redis_url, tmp_path, http):
+    """Both workers used to run the first migration at once: one died on the catalog's unique index and
+    the service exited 3."""
+    starts = [("--workers 2", shared_env(new_postgres_database(), redis_url)) for _ in range(4)]
+    starts += [("two hosts", shared_env(new_postgres_database(), redis_url)),
+               ("--workers 2", shared_env(f"sqlite:///{tmp_path}/fresh.db", redis_url))]
+    for how, env in starts:
+        if how == "two hosts":
+            both = [await servers(env, wait=False), await servers(env, wait=False)]
+            for server in both:
+                await server.ready(timeout=60)
+                await every_worker_started(server, 1)
+        else:
+            both = [await servers(env, args=("--workers", "2"), wait=False)]
+            await both[0].ready(timeout=60)
+            await every_worker_started(both[0], 2)
+        for server in both:
+            log = server.log()
+            assert "Traceback" not in log and "UniqueViolation" not in log, log
+            created = await http.post(f"{server.url}/threads", json={"title": how}, headers=bearer("alice"))
+            assert created.status_code == 201, created.text
+            server.stop()
+
+
 def seen(frames: list[dict]) -> tuple[list, dict]:
     """What every socket must agree on: each event but the deltas, with its seq, and each run's text.
     (A socket that lags gets its pending deltas merged, so the deltas' frames themselves may differ.)"""
@@ -203,6 +298,25 @@ def seen(frames: list[dict]) -> tuple[list, dict]:
             assert texts[frame["run_id"]] == frame["message"]["content"]
     return [(frame["type"], frame["seq"]) for frame in frames if frame["type"] != "text.delta"], texts
 
+
+
+async def test_the_message_rate_holds_across_processes(servers, postgres_url, redis_url, http):
+    # One a minute after a burst of five: no message is given back while the test runs.
+    env = shared_env(postgres_url, redis_url, MESSAGES_PER_MINUTE=1, MESSAGE_BURST=5)
+    one, two = await servers(env), await servers(env)
+    thread_id = (await http.post(f"{one.url}/threads", headers=bearer("flooder"))).json()["id"]
+    answers = await asyncio.gather(*(http.post(f"{server.url}/threads/{thread_id}/messages",
+                                               json={"content": "again", "run": False}, headers=bearer("flooder"))
+                                     for server in (one, two) * 10))
+    statuses = [answer.status_code for answer in answers]
+    assert statuses.count(201) == 5  # each process alone would have let five in
+    assert statuses.count(429) == 15
+    assert all(int(answer.headers["retry-after"]) >= 1 for answer in answers if answer.status_code == 429)
+    assert len(await messages(http, one, thread_id, bearer("flooder"))) == 5
+    # The rate is the flooder's alone.
+    theirs = (await http.post(f"{two.url}/threads", headers=bearer("bystander"))).json()["id"]
+    assert (await http.post(f"{two.url}/threads/{theirs}/messages", json={"content": "me", "run": False},
+                            headers=bearer("bystander"))).status_code == 201
 
 
 async def test_three_workers_on_sqlite_count_sockets_and_limits_service_wide(servers, tmp_path, redis_url, http):
