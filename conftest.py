@@ -287,6 +287,27 @@ def writer_tasks() -> set[asyncio.Task]:
 
 # ---------------------------------------------------------------- the service as a process
 
+class PeakMemory:
+    """How far a process's resident memory rose, at its peak over the block, above where it stood (MiB):
+    memory a process takes and gives back at once shows only in its peak (Linux's VmHWM, reset here)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.growth = 0.0
+
+    def _mib(self, field: str) -> float:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith(field + ":")).split()[1]) / 1024
+
+    def __enter__(self) -> "PeakMemory":
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # the peak starts again from now
+        self.before = self._mib("VmRSS")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.growth = self._mib("VmHWM") - self.before
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -19,7 +19,7 @@ from starlette import status
 from starlette.websockets import WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
-from broker import TERMINAL, UNLOGGED, Broker, Event, encode, presence_signal
+from broker import TERMINAL, UNLOGGED, Broker, BrokerUnavailable, CatchUp, Event, encode, presence_signal
 
 log = logging.getLogger("gainz")
 
@@ -100,6 +100,7 @@ class Connection:
         self.held_chars = 0
         self.close_code: int | None = None
         self.slot: str | None = None  # a socket or event stream: the slot it holds, and it hears presence and typing
+        self.live = True  # False: joined while the broker was down, so its events may never come
         self.writer: asyncio.Task | None = None
         self.endpoint = asyncio.current_task()  # serves the listener; done once it has closed it
         self._wakeup = asyncio.Event()
@@ -207,9 +208,16 @@ class Hub:
                     raise TooManySockets(socket_limit)
                 if occupied.mine == 1:
                     self.broker.signal(presence_signal(thread_id, sub, 1, slot))
-            if len(listeners) == 1:
-                await self.broker.watch(thread_id)
-            catch_up = await self.broker.catch_up(thread_id, after)
+            try:
+                if len(listeners) == 1:
+                    await self.broker.watch(thread_id)
+                catch_up = await self.broker.catch_up(thread_id, after)
+            except BrokerUnavailable:
+                if greet:
+                    raise
+                # A request waiting for its own runs needs no catch-up: while the broker is down, it
+                # learns from the store that they ended, and gets whatever events come once it is back.
+                catch_up, connection.live = CatchUp(0, None, None), False
             first = []
             if greet:
                 first.append(Event.create(catch_up.seq, {

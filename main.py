@@ -90,7 +90,7 @@ WS_REMOVED_FROM_THREAD = 4403
 WS_THREAD_DELETED = 4404
 SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent for long
 RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost
-RUN_POLL_SECONDS = 0.5  # ... and this often once it no longer hears the thread's events
+RUN_POLL_SECONDS = 0.5  # ... and this often once it no longer hears the thread's events (or Redis was down)
 READY_CHECK_SECONDS = 3  # a database or Redis slower than this to answer SELECT 1 or PING is as good as down
 SEVERAL_PROCESSES = """\
 Another process is already serving {database}. Several processes (uvicorn --workers, or several hosts)
@@ -431,7 +431,7 @@ async def until_runs_end(connection: Connection, submission: Submission, store: 
     waiting = {run.id for run in submission.runs}
     while waiting:
         try:
-            frame = await connection.get(within=RUN_CHECK_SECONDS)
+            frame = await connection.get(within=RUN_CHECK_SECONDS if connection.live else RUN_POLL_SECONDS)
         except Closed as closed:
             if closed.code == WS_THREAD_DELETED:
                 raise NotFound("thread not found") from None
@@ -469,11 +469,12 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
 
 
-async def frames_until_expiry(connection: Connection, user: User):
-    """The listener's frames, with keep-alive comments, until it is closed or the token expires."""
+async def frames_until_expiry(connection: Connection, user: User, quiet_seconds: float | None = None):
+    """The listener's frames, with None (a keep-alive comment) after `quiet_seconds` without one
+    (SSE_KEEPALIVE_SECONDS by default), until it is closed or the token expires."""
     while (left := user.expires_at - time.time()) > 0:
         try:
-            frame = await connection.get(within=min(SSE_KEEPALIVE_SECONDS, left))
+            frame = await connection.get(within=min(quiet_seconds or SSE_KEEPALIVE_SECONDS, left))
         except Closed:
             return
         yield frame
@@ -484,7 +485,7 @@ async def own_events(connection: Connection, submission: Submission, user: User,
     waiting = {run.id for run in submission.runs}
     message_id = submission.message and submission.message["id"]
     announced = message_id is None
-    async for frame in frames_until_expiry(connection, user):
+    async for frame in frames_until_expiry(connection, user, None if connection.live else RUN_POLL_SECONDS):
         if frame is None:
             yield ": keep-alive\n\n"
             # Quiet for a while: an event may have been lost on the way (the broker was down).

@@ -80,16 +80,26 @@ return seqs
 """
 
 SNAPSHOT = """
-local key, after = ARGV[1] .. 't:' .. ARGV[2], ARGV[3]
+local key, after, maxlen = ARGV[1] .. 't:' .. ARGV[2], ARGV[3], tonumber(ARGV[4])
 local seq_key = key .. ':seq'
 if redis.call('EXISTS', seq_key) == 0 then
   local now = redis.call('TIME')
   redis.call('SET', seq_key, string.format('%.0f', now[1] * 1000000 + now[2]), 'EX', 86400)
 end
+local seq = redis.call('GET', seq_key)
 local run = redis.call('HMGET', key .. ':run', 'run_id', 'assistant')
-local missed = {}
-if after ~= '' then missed = redis.call('XRANGE', key .. ':log', '(' .. after .. '-0', '+') end
-return {redis.call('GET', seq_key), run[1] or '', run[2] or '', redis.call('GET', key .. ':text') or '', missed}
+-- false (nil to the caller): nothing read, for a client ahead of the counter or further behind than the
+-- log keeps; whatever its number, a resume point costs at most the log's length
+local missed = false
+if after ~= '' then
+  local behind = tonumber(seq) - tonumber(after)
+  if behind == 0 then
+    missed = {}
+  elseif behind > 0 and behind <= maxlen then
+    missed = redis.call('XRANGE', key .. ':log', '(' .. after .. '-0', '+', 'COUNT', behind)
+  end
+end
+return {seq, run[1] or '', run[2] or '', redis.call('GET', key .. ':text') or '', missed}
 """
 
 USER_OF = """
@@ -379,14 +389,17 @@ class RedisBroker:
         if self.follows.get(thread_id) is not follow or not follow.held or follow.expected is None:
             return
         first_held = follow.held[0][0]
-        try:
-            entries = await self.redis.xrange(self._thread_key(thread_id) + ":log", f"{follow.expected + 1}-0",
-                                              f"{first_held - 1}-0")
-        except (RedisError, OSError) as error:
-            self._unhealthy("reading the event log", error)
-            entries = []
+        gap = first_held - 1 - follow.expected
+        entries: list | None = []
+        # More than the log keeps cannot all be there: a restarted Redis counts on from far ahead.
+        if gap <= self.window.events_per_thread:
+            try:
+                entries = await self.redis.xrange(self._thread_key(thread_id) + ":log", f"{follow.expected + 1}-0",
+                                                  f"{first_held - 1}-0", count=gap)
+            except (RedisError, OSError) as error:
+                self._unhealthy("reading the event log", error)
         missed = [Event.from_text(str(fields["e"])) for _, fields in entries or () if fields]
-        if [event.seq for event in missed] != list(range(follow.expected + 1, first_held)):
+        if len(missed) != gap:
             self._resync(thread_id, first_held - 1)
             follow.expected = first_held - 1
             missed = []
@@ -401,6 +414,15 @@ class RedisBroker:
         """Redis answers again: every watched thread checks what it missed meanwhile."""
         self.healthy = True
         log.warning("Redis is back: catching up the threads this process follows")
+        # The channels of threads followed since it went away, and no longer those left meanwhile. Not
+        # waiting for Redis to confirm (this task reads the confirmations): an event published before the
+        # subscription holds is read from the Stream when the next one comes.
+        followed = {self._thread_key(thread_id) for thread_id in self.follows} | {self.prefix + "signals"}
+        with contextlib.suppress(RedisError, OSError):  # down again: the next recovery tries again
+            if missing := followed - set(self.pubsub.channels):
+                await self.pubsub.subscribe(*missing)
+            if left := set(self.pubsub.channels) - followed:
+                await self.pubsub.unsubscribe(*left)
         for thread_id, follow in list(self.follows.items()):
             with contextlib.suppress(BrokerUnavailable):  # down again: the next recovery tries again
                 catch_up = await self.catch_up(thread_id, follow.expected)
@@ -418,7 +440,9 @@ class RedisBroker:
         miss an event published in between."""
         if thread_id in self.follows:
             return
-        self.follows[thread_id] = Follow()
+        self.follows[thread_id] = Follow()  # kept if Redis is away: the recovery subscribes to it
+        if not self.healthy:
+            raise BrokerUnavailable()
         channel = self._thread_key(thread_id)
         confirmed = self._confirmed[channel] = asyncio.Event()
         try:
@@ -436,12 +460,13 @@ class RedisBroker:
         if follow is not None:
             if follow.gap_check is not None:
                 follow.gap_check.cancel()
-            await self.pubsub.unsubscribe(self._thread_key(thread_id))
+            if self.healthy:  # else the recovery unsubscribes
+                await self.pubsub.unsubscribe(self._thread_key(thread_id))
 
     async def catch_up(self, thread_id: str, after: int | None) -> CatchUp:
         try:
             seq, run_id, assistant, text, entries = await self._snapshot(args=[
-                self.prefix, thread_id, "" if after is None else str(after), int(self.window.seconds * 1000)])
+                self.prefix, thread_id, "" if after is None else str(after), self.window.events_per_thread])
         except (RedisError, OSError) as error:
             self._unhealthy("catching up", error)
             raise BrokerUnavailable() from None
@@ -451,13 +476,11 @@ class RedisBroker:
         if follow is not None and follow.expected is None:
             follow.expected = seq
             self._receive(thread_id, [])
-        if after is None:
+        if after is None or entries is None:
             return CatchUp(seq, active, None)
         missed = [Event.from_text(fields[1]) for _, fields in entries]  # raw from the script: [id, ["e", text]]
-        if after > seq or [event.seq for event in missed] != list(range(after + 1, seq + 1)):
-            # What was missed is only partly kept (or the client's seq is from before a restart of Redis).
-            return CatchUp(seq, active, None)
-        return CatchUp(seq, active, missed)
+        # The entries' ids are distinct seqs in (after, seq]: all there, or only partly kept (resync).
+        return CatchUp(seq, active, missed if len(missed) == seq - after else None)
 
     # ------------------------------------------------------------ sockets
 

@@ -7,12 +7,14 @@ import asyncio
 import itertools
 import json
 import os
+import tracemalloc
 from collections import Counter
 from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.asyncio import Redis
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -21,6 +23,7 @@ from auth import JWTSettings
 from conftest import TEST_SECRET, config_for, eventually, frames_until, next_frame, serve_live, sse_events, writer_tasks
 from main import MAX_BODY_BYTES, MAX_FRAME_CHARS, create_app
 from offline_model import FAULTS, FAULTS_AFTER_TEXT
+from redis_broker import RedisBroker
 
 pytestmark = pytest.mark.anyio
 
@@ -629,3 +632,30 @@ async def test_a_thousand_socket_lifetimes_leave_no_socket_task_listener_slot_or
                                      headers=auth("alice"))
         assert after.status_code == 201
         assert len(after.json()["replies"]) == 1
+
+
+# ---------------------------------------------------------------- numbers from Redis
+
+async def test_an_event_far_ahead_of_the_one_expected_costs_a_resync_not_memory(redis_url):
+    """A restarted Redis counts a thread's seq on from the clock: the next event seen may come millions
+    after the last. What lies between cannot be in the log; asking for it must cost nothing."""
+    url, prefix = redis_url
+    broker = RedisBroker(url, prefix=prefix)
+    delivered, resyncs = [], []
+    await broker.open(lambda thread_id, events: delivered.extend(events), lambda message: None,
+                      lambda thread_id, seq: resyncs.append(seq))
+    try:
+        await broker.watch("far")
+        latest = (await broker.catch_up("far", None)).seq
+        async with Redis.from_url(url) as redis:
+            await redis.incrby(f"{prefix}t:far:seq", 5_000_000)
+        tracemalloc.start()
+        broker.publish("far", {"type": "message.created", "thread_id": "far", "message": {}})
+        assert await eventually(lambda: delivered, timeout=TIMEOUT)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        await broker.close()
+    assert resyncs == [latest + 5_000_000]
+    assert [event.seq for event in delivered] == [latest + 5_000_001]
+    assert peak < 2**20

@@ -19,13 +19,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from auth import JWTSettings
-from conftest import TEST_SECRET, ServerProcess, frames_until, next_frame
+from conftest import TEST_SECRET, PeakMemory, ServerProcess, frames_until, next_frame
 from offline_model import OfflineModel, serve_on_loopback
 
 pytestmark = pytest.mark.anyio
 SETTINGS = JWTSettings(secret=TEST_SECRET)
 HEALTH_BOUND = 1.0  # seconds
 RUN_BOUND = 5.0  # seconds, for a reply of some twenty words
+RESUME_BOUND = 2.0  # seconds, for a socket and an event stream to resume, one after the other
 
 
 def bearer(sub: str) -> dict:
@@ -540,3 +541,50 @@ async def test_one_user_cannot_store_messages_faster_than_the_message_rate(serve
     error = refusal[-1]["error"]
     assert error["code"] == "limit_reached"
     assert 1 <= error["retry_after"] <= 60
+
+
+# ---------------------------------------------------------------- resume points
+
+async def resumed(server, http, thread_id: str, after: int) -> list[str]:
+    """The first two frames a socket, and an event stream, resuming after `after` get (the same for both)."""
+    async with connect(f"{server.url.replace('http', 'ws', 1)}/threads/{thread_id}/ws?after={after}",
+                       additional_headers=bearer("alice"), close_timeout=1) as ws:
+        on_the_socket = [(await next_frame(ws))["type"] for _ in range(2)]
+    on_the_stream = []
+    async with http.stream("GET", f"/threads/{thread_id}/events",
+                           headers=bearer("alice") | {"Last-Event-ID": str(after)}) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                on_the_stream.append(line.partition(":")[2].strip())
+            if len(on_the_stream) == 2:
+                break
+    assert on_the_stream == on_the_socket
+    return on_the_socket
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_a_resume_point_however_far_or_absurd_costs_no_more_than_a_recent_one(servers, thread_of_alice,
+                                                                                      request, broker):
+    env = {}
+    if broker == "redis":
+        url, prefix = request.getfixturevalue("redis_url")
+        env = {"REDIS_URL": url, "REDIS_PREFIX": prefix}
+    server = await servers(env)
+    thread_id = await thread_of_alice(server)
+    async with httpx2.AsyncClient(base_url=server.url, timeout=30) as http:
+        for content in ("one", "two"):
+            posted = await http.post(f"/threads/{thread_id}/messages", json={"content": content, "run": False},
+                                     headers=bearer("alice"))
+            assert posted.status_code == 201
+        async with connect(f"{server.url.replace('http', 'ws', 1)}/threads/{thread_id}/ws",
+                           additional_headers=bearer("alice")) as ws:
+            latest = (await next_frame(ws))["seq"]
+        assert await resumed(server, http, thread_id, latest - 1) == ["thread.joined", "message.created"]
+        # Far behind (a log that long would hold 10 million events), 0, ahead, the largest number accepted.
+        with PeakMemory(server.process.pid) as memory:
+            for after in (latest - 10_000_000, 0, latest + 1, latest + 10**9, 10**20 - 1):
+                started = time.monotonic()
+                assert await resumed(server, http, thread_id, after) == ["thread.joined", "resync"], after
+                assert time.monotonic() - started < RESUME_BOUND, after
+    assert memory.growth < 20

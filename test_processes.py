@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from auth import JWTSettings
-from conftest import TEST_SECRET, frames_until, free_port, next_frame, require, run_ends, tool
+from conftest import TEST_SECRET, PeakMemory, frames_until, free_port, next_frame, require, run_ends, tool
 
 pytestmark = pytest.mark.anyio
 SETTINGS = JWTSettings(secret=TEST_SECRET)
@@ -438,3 +438,50 @@ async def test_redis_restarting_mid_stream_crashes_nothing_and_delivery_resumes(
     assert two.process.poll() is None
     await watcher.close()
 
+
+
+async def test_while_redis_is_down_writes_are_stored_and_answered_and_a_socket_gets_resync_once_it_is_back(
+        servers, tmp_path, private_redis, http):
+    url, start_redis, stop_redis = private_redis
+    server = await servers(shared_env(f"sqlite:///{tmp_path}/gainz.db", (url, "gainz:")))
+    thread_id = (await http.post(f"{server.url}/threads", headers=bearer("alice"))).json()["id"]
+    watcher, _ = await socket_on(server, thread_id, bearer("alice"))
+    stop_redis()
+
+    noted = await http.post(f"{server.url}/threads/{thread_id}/messages",
+                            json={"content": "while away", "run": False}, headers=bearer("alice"))
+    assert noted.status_code == 201, noted.text
+    asked = await http.post(f"{server.url}/threads/{thread_id}/messages",
+                            json={"content": "answer me anyway"}, headers=bearer("alice"))
+    assert asked.status_code == 201, asked.text
+    (reply,) = asked.json()["replies"]
+    assert reply["content"].endswith("heard: [alice] answer me anyway (2 messages in its context)")
+    async with http.stream("POST", f"{server.url}/threads/{thread_id}/messages", json={"content": "and stream"},
+                           headers=bearer("alice") | {"Accept": "text/event-stream"}) as streamed:
+        assert streamed.status_code == 201
+        await streamed.aread()  # it ends once its run has, although the run's events wait for Redis
+    stored = await messages(http, server, thread_id, bearer("alice"))
+    assert [(message["role"], message["content"]) for message in stored][:3] == [
+        ("user", "while away"), ("user", "answer me anyway"), ("assistant", reply["content"])]
+    assert [message["role"] for message in stored][3:] == ["user", "assistant"]
+    # Live events cannot be joined meanwhile (nor a socket's slot counted): a handshake is told to come back.
+    refused = await http.get(f"{server.url}/threads/{thread_id}/events", headers=bearer("alice"))
+    assert refused.status_code == 503
+    assert int(refused.headers["retry-after"]) >= 1
+
+    with PeakMemory(server.process.pid) as memory:
+        start_redis()  # on the same port, empty: every thread's seq counts on from where the clock is
+        resync = (await frames_until(watcher, "resync", timeout=30))[-1]
+    assert resync["thread_id"] == thread_id
+    again = await http.post(f"{server.url}/threads/{thread_id}/messages", json={"content": "back", "run": False},
+                            headers=bearer("alice"))
+    assert again.status_code == 201
+    # What was held while Redis was away may come first; then the live events, in seq order.
+    frames = [await next_frame(watcher, timeout=30)]
+    while not (frames[-1]["type"] == "message.created" and frames[-1]["message"]["content"] == "back"):
+        frames.append(await next_frame(watcher, timeout=30))
+    assert [frame["seq"] for frame in frames] == sorted({frame["seq"] for frame in frames})
+    assert frames[0]["seq"] > resync["seq"]
+    assert memory.growth < 50
+    assert server.process.poll() is None
+    await watcher.close()
