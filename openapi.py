@@ -28,6 +28,9 @@ from api import (
     Thread,
     ThreadChange,
     ThreadList,
+    ToolList,
+    ToolOutputs,
+    ToolOutputsAccepted,
     Turn,
 )
 
@@ -36,7 +39,7 @@ ERRORS = {
     401: "missing, expired or invalid token",
     403: "an owner-only action by a member",
     404: "unknown, or not the caller's to see",
-    409: "the run has already ended",
+    409: "the run has already ended, or the tool call has already been answered",
     413: "body over 256 KiB",
     429: "a limit reached (Retry-After says when to try again where waiting helps)",
     502: "the upstream refused or failed",
@@ -72,6 +75,7 @@ OPERATIONS = {
     ("GET", "/health"): Operation("Is the service up", {200: Health}, public=True),
     ("GET", "/"): Operation("The demo page", {200: None}, public=True, content_type="text/html"),
     ("GET", "/openapi.json"): Operation("This document", {200: None}, public=True, content_type="application/json"),
+    ("GET", "/tools"): Operation("The server tools an assistant may be given by name", {200: ToolList}),
     ("GET", "/assistants"): Operation("The assistants the caller may use (shared and own), oldest first",
                                       {200: AssistantList}, listing=True, errors=(400,)),
     ("POST", "/assistants"): Operation("Create the caller's assistant, or load it by name (never modified)",
@@ -98,6 +102,9 @@ OPERATIONS = {
         body_optional=True, streams=True, errors=RUNS),
     ("POST", "/threads/{thread_id}/runs/{run_id}/cancel"): Operation(
         "Stop a run; it ends in run.cancelled", {202: Cancelling}, errors=(404, 409)),
+    ("POST", "/threads/{thread_id}/runs/{run_id}/tool_outputs"): Operation(
+        "Answer a run's client tool calls (the first answer to a call wins); the run goes on once all are",
+        {200: ToolOutputsAccepted}, body=ToolOutputs, errors=(400, 404, 409, 413)),
     ("GET", "/threads/{thread_id}/events"): Operation(
         "The thread's live events as Server-Sent Events, from thread.joined on; resume with Last-Event-ID",
         {200: None}, content_type="text/event-stream", errors=(400, 404, 429),

@@ -875,9 +875,11 @@ class Store:
             rows = await tx.all("SELECT * FROM messages WHERE run_id = ? AND role = 'tool' ORDER BY n", run_id)
         return [message_json(row) for row in rows]
 
-    async def answer_tool_calls(self, thread_id: str, run_id: str, outputs: list[tuple[str, str]]) -> list[dict]:
-        """Store outputs ([(call_id, output)]), all or none; the first answer to a call wins. NotFound for a run
-        not on the thread or a call not of the run; Conflict for a call already answered, or a run that ended."""
+    async def answer_tool_calls(self, thread_id: str, run_id: str, outputs: list[tuple[str, str]],
+                                runs_on: str = "client") -> list[dict]:
+        """Store outputs ([(call_id, output)]) of calls that run on `runs_on`, all or none; the first answer to a
+        call wins. NotFound for a run not on the thread or a call not of the run; Conflict for a call already
+        answered or run elsewhere, or a run that has ended."""
         async with self.db.transaction() as tx:
             run = await tx.one("SELECT status FROM runs WHERE id = ? AND thread_id = ?", run_id, thread_id)
             if run is None:
@@ -886,11 +888,15 @@ class Store:
             for call_id, output in outputs:
                 # One statement decides, so two answers at once (on any processes) cannot both win.
                 row = await tx.one("UPDATE messages SET content = ?, answered = TRUE WHERE run_id = ? AND call_id = ? "
-                                   "AND role = 'tool' AND NOT answered RETURNING *", output, run_id, call_id)
+                                   "AND role = 'tool' AND runs_on = ? AND NOT answered RETURNING *",
+                                   output, run_id, call_id, runs_on)
                 if row is None:
-                    if not await tx.one("SELECT 1 AS found FROM messages WHERE run_id = ? AND call_id = ? "
-                                        "AND role = 'tool'", run_id, call_id):
+                    call = await tx.one("SELECT runs_on FROM messages WHERE run_id = ? AND call_id = ? "
+                                        "AND role = 'tool'", run_id, call_id)
+                    if call is None:
                         raise NotFound(f"call {call_id!r} not found in this run")
+                    if call["runs_on"] != runs_on:
+                        raise Conflict(f"call {call_id!r} runs on the {call['runs_on']}")
                     raise Conflict(f"call {call_id!r} has already been answered")
                 answered.append(message_json(row))
             if run["status"] not in PENDING:

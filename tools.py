@@ -19,6 +19,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+MAX_OUTPUT_CHARS = 32_000  # as much as a client tool's output may hold
+
 
 @dataclass(frozen=True)
 class ServerTool:
@@ -41,7 +43,7 @@ SERVER_TOOLS: dict[str, ServerTool] = {}
 
 def server_tool(function: Callable) -> Callable:
     """Register `function` as a server tool, named after it."""
-    adapter = TypeAdapter(function)
+    adapter = TypeAdapter[Any](function)  # type: ignore[arg-type]  # pydantic takes a function: its arguments
     SERVER_TOOLS[function.__name__] = ServerTool(function.__name__, inspect.getdoc(function) or "",
                                                  adapter.json_schema(), function, adapter)
     return function
@@ -69,7 +71,8 @@ async def call_server_tool(name: str, arguments: str, seconds: float) -> str:
         return f"error: invalid arguments: {error.errors(include_url=False, include_input=False)}"
     except Exception as error:  # the tool's own failure is the model's to read, not the run's end
         return f"error: {type(error).__name__}: {error}"
-    return result if isinstance(result, str) else json.dumps(result, default=str)
+    output = result if isinstance(result, str) else json.dumps(result, default=str)
+    return output[:MAX_OUTPUT_CHARS]
 
 
 # ---------------------------------------------------------------- the tools
