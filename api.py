@@ -189,8 +189,16 @@ class ToolOutput(Body):
                       AfterValidator(no_nul)]
 
 
+def one_output_per_call(outputs: list[ToolOutput]) -> list[ToolOutput]:
+    call_ids = [output.call_id for output in outputs]
+    if duplicated := next((call_id for call_id in call_ids if call_ids.count(call_id) > 1), None):
+        raise ValueError(f"two outputs for call {duplicated!r}")
+    return outputs
+
+
 class ToolOutputs(Body):
-    outputs: Annotated[list[ToolOutput], Field(min_length=1, max_length=MAX_TOOL_OUTPUTS)]
+    outputs: Annotated[list[ToolOutput], Field(min_length=1, max_length=MAX_TOOL_OUTPUTS),
+                       AfterValidator(one_output_per_call)]
 
     def pairs(self) -> list[tuple[str, str]]:
         return [(output.call_id, output.output) for output in self.outputs]

@@ -166,6 +166,9 @@ async def test_a_client_tool_is_answered_by_another_member_over_rest_once(make_a
         assert (await answer(server, auth, thread_id, run_id, {call_id: "x"}, sub="carol")).status_code == 404
         assert (await answer(server, auth, thread_id, run_id, {"call_nope": "x"})).status_code == 404
         assert (await answer(server, auth, thread_id, "run_nope", {call_id: "x"})).status_code == 404
+        twice = await server.http.post(f"/threads/{thread_id}/runs/{run_id}/tool_outputs", headers=auth("bob"),
+                                       json={"outputs": [{"call_id": call_id, "output": "a"}] * 2})
+        assert twice.status_code == 400 and twice.json()["detail"] == f"outputs: two outputs for call {call_id!r}"
         answered = await answer(server, auth, thread_id, run_id, {call_id: "shipped on Monday"})
         assert answered.status_code == 200, answered.text
         assert answered.json()["messages"][0]["content"] == "shipped on Monday"
