@@ -154,6 +154,9 @@ class RunRequest(Body):
     assistant: AssistantRef | None = Field(None, description="the assistant to run (default: the default one)")
     assistants: Annotated[list[AssistantRef], Field(min_length=1, max_length=MAX_ASSISTANTS_PER_RUN)] | None = Field(
         None, description="several assistants, run in turn on the thread")
+    rounds: Annotated[int, Field(ge=1)] = Field(
+        1, description="the assistants answer in turn this many times over, each seeing the replies before it "
+                       "(at most MAX_ROUNDS)")
 
     @model_validator(mode="after")
     def one_way_to_name_assistants(self):
@@ -176,6 +179,10 @@ class MessageFrame(NewMessage):
 
 class RunFrame(RunRequest):
     type: Literal["run"]
+
+
+class TypingFrame(Body):
+    type: Literal["typing"]
 
 
 class CancelFrame(Body):
@@ -209,8 +216,8 @@ class ToolOutputsFrame(ToolOutputs):
     run_id: Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(no_nul)]
 
 
-Frame: TypeAdapter[MessageFrame | RunFrame | CancelFrame | ToolOutputsFrame] = TypeAdapter(
-    Annotated[MessageFrame | RunFrame | CancelFrame | ToolOutputsFrame, Field(discriminator="type")])
+Frame: TypeAdapter[MessageFrame | RunFrame | CancelFrame | TypingFrame | ToolOutputsFrame] = TypeAdapter(
+    Annotated[MessageFrame | RunFrame | CancelFrame | TypingFrame | ToolOutputsFrame, Field(discriminator="type")])
 
 
 class ListQuery(BaseModel):
@@ -229,8 +236,8 @@ MESSAGES = {
     "json_invalid": "malformed JSON",
     "model_type": "must be a JSON object",
     "model_attributes_type": "must be a JSON object",
-    "union_tag_not_found": 'required: "message", "run", "cancel" or "tool_outputs"',
-    "union_tag_invalid": 'must be "message", "run", "cancel" or "tool_outputs"',
+    "union_tag_not_found": 'required: "message", "run", "cancel", "typing" or "tool_outputs"',
+    "union_tag_invalid": 'must be "message", "run", "cancel", "typing" or "tool_outputs"',
 }
 
 
@@ -261,6 +268,11 @@ class Error(Answer):
 
 class Health(Answer):
     status: Literal["ok"]
+
+
+class NotReady(Answer):
+    status: Literal["unavailable"]
+    down: list[Literal["database", "redis"]] = Field(description="what did not answer")
 
 
 class AssistantRefOut(Answer):
@@ -341,6 +353,16 @@ class ThreadList(Answer):
 
 class MessageList(Answer):
     data: list[Message]
+    has_more: bool
+
+
+class Present(Answer):
+    user: str
+    sockets: int = Field(description="the user's sockets and event streams on the thread")
+
+
+class PresenceList(Answer):
+    data: list[Present] = Field(description="everyone connected to the thread now, service-wide")
     has_more: bool
 
 

@@ -347,11 +347,12 @@ class Engine:
     # ------------------------------------------------------------ accepting work
 
     async def submit(self, thread_id: str, sub: str, content: str | None,
-                     assistants: list[Assistant]) -> Submission:
-        """Store the message and queue its runs; they run in order, whoever waits for them or not."""
+                     assistants: list[Assistant], rounds: int = 1) -> Submission:
+        """Store the message and queue its runs (the assistants in turn, `rounds` times over); they run in
+        order, each reading the thread as it is when it starts, whoever waits for them or not."""
         if self._stopping:
             raise ServiceStopping()
-        submission = await self.store.submit(thread_id, sub, content, assistants)
+        submission = await self.store.submit(thread_id, sub, content, assistants, rounds)
         if submission.message is not None:
             await self.events.on_message_created(thread_id, submission.message)
         if submission.runs:
@@ -376,6 +377,8 @@ class Engine:
         run = await self.store.request_cancel(thread_id, run_id, by)
         if run.status == "cancelled":
             await self.events.on_run_cancelled(thread_id, run_id, by, None)
+        for dropped in run.rounds_dropped:  # the rounds still to come of the same request
+            await self.events.on_run_cancelled(thread_id, dropped, by, None)
         return run
 
     def stop_run(self, run_id: str, by: str) -> None:

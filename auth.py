@@ -148,7 +148,8 @@ def _pop_query_token(scope: Scope) -> str | None:
 
 
 class JWTAuthMiddleware:
-    """Every HTTP request and WebSocket handshake needs a valid token, except `public_routes`.
+    """Every HTTP request and WebSocket handshake needs a valid token, except `public_routes`: (method, path)
+    pairs, where a path `/folder/*` stands for every file right in that folder.
 
     With `settings=None` the settings are the app's `state.jwt`, set at start-up (the generated
     secret is read from the database then)."""
@@ -190,8 +191,8 @@ class JWTAuthMiddleware:
     def _is_public(self, scope: Scope) -> bool:
         if scope["type"] != "http":
             return False
-        method = "GET" if scope["method"] == "HEAD" else scope["method"]
-        return (method, scope["path"]) in self.public_routes
+        method, path = "GET" if scope["method"] == "HEAD" else scope["method"], scope["path"]
+        return (method, path) in self.public_routes or (method, path.rpartition("/")[0] + "/*") in self.public_routes
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, detail: str, token_given: bool) -> None:
         challenge = 'Bearer error="invalid_token"' if token_given else "Bearer"  # RFC 6750 section 3

@@ -1007,7 +1007,8 @@ async def bench(mode: dict, deflate: bool) -> dict:
             return clean_env | {"JWT_SECRET_KEY": SECRET, "ASSISTANTS_FILE": f"{workdir}/none.json",
                                 "DATABASE_URL": f"sqlite:///{workdir}/{name}.db", "OPENAI_API_KEY": "offline",
                                 "OPENAI_BASE_URL": f"{model_url}/v1", "MAX_SOCKETS_PER_USER": "100000",
-                                "MAX_RUNS_PER_USER": "100000", "MAX_THREADS_PER_USER": "100000"} | more
+                                "MAX_RUNS_PER_USER": "100000", "MAX_THREADS_PER_USER": "100000",
+                                "MESSAGES_PER_MINUTE": "100000000", "MESSAGE_BURST": "100000"} | more
 
         @asynccontextmanager
         async def servers(deflate: bool, target: str = "main:app", factory: bool = False):

@@ -4,7 +4,8 @@
   recent events (for clients that resume) and hands it, in `seq` order, to every process watching the
   thread, this one included (through `deliver`).
 - The run in progress on each thread, so that a client joining mid-reply gets the text so far.
-- Slots: the sockets open per user and per thread, counted across processes.
+- Slots: the sockets (and event streams) open per user and per thread, counted across processes; they
+  are also who is present on a thread (a slot on the thread names its user).
 - Signals: small messages to every process (cancel a run, a thread deleted, members removed).
 
 `memory://` keeps all of it in this process: the default, for one process. `redis://` shares it
@@ -15,12 +16,13 @@ import json
 import os
 import socket
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 TERMINAL = ("run.completed", "run.failed", "run.cancelled")
+UNLOGGED = ("presence", "typing")  # live only: no seq, never in the log, never replayed on resume
 
 
 def encode(event: dict) -> str:
@@ -54,6 +56,11 @@ class Event:
         event = json.loads(text)
         return cls(event["seq"], event["type"], event.get("run_id"), event.get("delta"), text)
 
+    @classmethod
+    def unlogged(cls, event: dict) -> "Event":
+        """A `presence` or `typing` frame: it has no place in the thread's order, so it carries no seq."""
+        return cls(0, event["type"], None, None, encode(event))
+
     def fields(self) -> dict:
         return json.loads(self.text)
 
@@ -74,6 +81,38 @@ class CatchUp:
     missed: list[Event] | None
 
 
+@dataclass
+class Occupied:
+    """A slot taken on a thread: who is connected to it now, and how many connections its user has there."""
+
+    present: list[dict]  # [{"user", "sockets"}]
+    mine: int  # this one included: 1 for the user's first
+
+    @property
+    def clients(self) -> int:
+        return sum(entry["sockets"] for entry in self.present)
+
+
+def slot_member(slot: str, sub: str) -> str:
+    """A slot as a thread's set holds it: with its user (a slot never holds a line break)."""
+    return f"{slot}\n{sub}"
+
+
+def user_of(member: str) -> str:
+    return member.split("\n", 1)[1]
+
+
+def present(members) -> list[dict]:
+    counts = Counter(user_of(member) for member in members)
+    return [{"user": user, "sockets": counts[user]} for user in sorted(counts)]
+
+
+def presence_signal(thread_id: str, user: str, sockets: int, origin: str | None = None) -> dict:
+    """A user's first connection to a thread opened (1) or their last closed (0); `origin`, the slot that
+    opened it, is not told of itself."""
+    return {"kind": "presence", "thread_id": thread_id, "user": user, "sockets": sockets, "from": origin}
+
+
 @dataclass(frozen=True)
 class ResumeWindow:
     events_per_thread: int = 2000  # the last N events of each thread are kept ...
@@ -92,10 +131,12 @@ class Broker(Protocol):
     async def watch(self, thread_id: str) -> None: ...
     async def unwatch(self, thread_id: str) -> None: ...
     async def catch_up(self, thread_id: str, after: int | None) -> CatchUp: ...
-    async def occupy(self, sub: str, thread_id: str, slot: str, limit: int) -> int | None: ...
-    async def vacate(self, sub: str, thread_id: str, slot: str) -> None: ...
+    async def occupy(self, sub: str, thread_id: str, slot: str, limit: int) -> Occupied | None: ...
+    async def vacate(self, sub: str, thread_id: str, slot: str) -> int: ...
+    async def present(self, thread_id: str) -> list[dict]: ...
     async def claim_once(self, name: str, seconds: float) -> bool: ...
     def shared_across_processes(self) -> bool: ...
+    async def ping(self) -> None: ...
 
 
 def new_process_id() -> str:
@@ -144,7 +185,8 @@ class MemoryBroker:
         self.logs: OrderedDict[str, ThreadLog] = OrderedDict()  # least recently active first
         self.logged = 0
         self.watched: set[str] = set()  # threads with listeners: they keep their counter when their log goes
-        self.slots: dict[str, set[str]] = {}
+        self.slots: dict[str, set[str]] = {}  # "user:{sub}": its slots; "thread:{id}": its slot members
+        self.claims: dict[str, float] = {}  # claim_once: name -> until when (monotonic)
         self._deliver: Callable[[str, list[Event]], None] = lambda thread_id, events: None
         self._on_signal: Callable[[dict], None] = lambda message: None
 
@@ -156,6 +198,9 @@ class MemoryBroker:
 
     def shared_across_processes(self) -> bool:
         return False
+
+    async def ping(self) -> None:
+        pass  # nothing outside this process to reach
 
     def _log(self, thread_id: str) -> ThreadLog:
         log = self.logs.get(thread_id)
@@ -217,34 +262,46 @@ class MemoryBroker:
             return CatchUp(log.seq, active, None)
         return CatchUp(log.seq, active, [event for _, event in log.events if event.seq > after])
 
-    async def occupy(self, sub: str, thread_id: str, slot: str, limit: int) -> int | None:
+    async def occupy(self, sub: str, thread_id: str, slot: str, limit: int) -> Occupied | None:
         mine = self.slots.setdefault(f"user:{sub}", set())
         if len(mine) >= limit:
             return None
         mine.add(slot)
         on_thread = self.slots.setdefault(f"thread:{thread_id}", set())
-        on_thread.add(slot)
-        return len(on_thread)
+        on_thread.add(slot_member(slot, sub))
+        return Occupied(present(on_thread), sum(user_of(member) == sub for member in on_thread))
 
-    async def vacate(self, sub: str, thread_id: str, slot: str) -> None:
-        for key in (f"user:{sub}", f"thread:{thread_id}"):
+    async def vacate(self, sub: str, thread_id: str, slot: str) -> int:
+        for key, member in ((f"user:{sub}", slot), (f"thread:{thread_id}", slot_member(slot, sub))):
             slots = self.slots.get(key)
             if slots is not None:
-                slots.discard(slot)
+                slots.discard(member)
                 if not slots:
                     del self.slots[key]
+        return sum(user_of(member) == sub for member in self.slots.get(f"thread:{thread_id}", ()))
+
+    async def present(self, thread_id: str) -> list[dict]:
+        return present(self.slots.get(f"thread:{thread_id}", ()))
 
     async def claim_once(self, name: str, seconds: float) -> bool:
+        now = time.monotonic()
+        if len(self.claims) > 10_000:  # typing claims, one per user and thread: forget the lapsed ones
+            self.claims = {key: until for key, until in self.claims.items() if until > now}
+        if self.claims.get(name, 0.0) > now:
+            return False
+        self.claims[name] = now + seconds
         return True
 
 
-def broker_for(url: str, window: ResumeWindow = ResumeWindow(), prefix: str = "gainz:") -> Broker:
+def broker_for(url: str, window: ResumeWindow = ResumeWindow(), prefix: str = "gainz:",
+               slot_seconds: float = 30.0) -> Broker:
     """`memory://` (the default) or `redis://...` / `rediss://...`; `prefix` starts every Redis key and
-    channel, so that several services (or tests) can share one Redis."""
+    channel, so that several services (or tests) can share one Redis; `slot_seconds`: how long the slots
+    of a process that died stay taken (in Redis: one process cannot outlive itself)."""
     if url in ("", "memory://"):
         return MemoryBroker(window)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from redis_broker import RedisBroker  # the redis package is only needed with a redis:// URL
 
-        return RedisBroker(url, window, prefix)
+        return RedisBroker(url, window, prefix, slot_seconds)
     raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {url!r}")

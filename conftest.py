@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import secrets
 import shutil
 import socket
@@ -26,6 +27,7 @@ from starlette.testclient import TestClient
 from websockets.asyncio.client import connect
 
 from auth import JWTSettings
+from broker import UNLOGGED
 from main import Config, create_app
 from offline_model import serve_on_loopback
 
@@ -69,10 +71,15 @@ def auth(jwt_settings):
     return lambda sub: {"Authorization": f"Bearer {jwt_settings.mint(sub)}"}
 
 
+# Tests post far faster than a person: the message rate is tested where it is set on purpose.
+TEST_MESSAGE_RATE = {"messages_per_minute": 60_000, "message_burst": 1000}
+
+
 def config_for(directory: Path, **overrides) -> Config:
-    """Fast offline tokens, a database of its own, no shared-assistants file; `overrides` on top."""
+    """Fast offline tokens, a database of its own, no shared-assistants file, a message rate no test reaches
+    by accident; `overrides` on top."""
     config = Config(database_url=f"sqlite:///{directory}/gainz.db", assistants_file=directory / "assistants.json",
-                    offline_token_delay=0.002)
+                    offline_token_delay=0.002, **TEST_MESSAGE_RATE)
     return dataclasses.replace(config, **overrides)
 
 
@@ -210,8 +217,14 @@ async def eventually(condition, timeout: float = 5.0) -> bool:
     return met
 
 
-async def next_frame(ws, timeout: float = FRAME_TIMEOUT) -> dict:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+async def next_frame(ws, timeout: float = FRAME_TIMEOUT, skip: tuple[str, ...] = UNLOGGED) -> dict:
+    """The next frame; by default past `presence` and `typing`, which come whenever someone joins, leaves or
+    types (the tests of those frames pass `skip=()`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), max(0.0, deadline - time.monotonic())))
+        if frame["type"] not in skip:
+            return frame
 
 
 async def frames_until(ws, last_type: str, count: int = 1, timeout: float = FRAME_TIMEOUT) -> list[dict]:
@@ -257,7 +270,8 @@ async def sse_events(response) -> list[dict]:
                 event = json.loads(fields["data"])
                 assert event["type"] == fields["event"]
                 assert "id" not in fields or int(fields["id"]) == event["seq"]
-                events.append(event)
+                if event["type"] not in UNLOGGED:  # presence and typing: see next_frame
+                    events.append(event)
             fields = {}
         elif not line.startswith(":"):
             name, _, value = line.partition(":")
@@ -282,14 +296,15 @@ def free_port() -> int:
 class ServerProcess:
     """`python serve.py` (the README's run command) in a process of its own, on a free port."""
 
-    def __init__(self, workdir: Path, env: dict, args: tuple = (), port: int | None = None):
-        self.workdir, self.port = workdir, port or free_port()
+    def __init__(self, workdir: Path, env: dict, args: tuple = (), port: int | None = None,
+                 open_files: int | None = None):
+        self.workdir, self.port, self.open_files = workdir, port or free_port(), open_files
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"server-{self.port}.log"
         clean = {key: value for key, value in os.environ.items()
                  if not key.startswith(("JWT_", "OPENAI_", "DATABASE_", "REDIS_", "CI"))}
-        self.env = clean | {"JWT_SECRET_KEY": TEST_SECRET, "OFFLINE_TOKEN_DELAY": "0.002",
-                            "PYTHONPATH": str(REPO)} | env
+        self.env = clean | {"JWT_SECRET_KEY": TEST_SECRET, "OFFLINE_TOKEN_DELAY": "0.002", "PYTHONPATH": str(REPO),
+                            **{name.upper(): str(value) for name, value in TEST_MESSAGE_RATE.items()}} | env
         self.args = args
         self.process: subprocess.Popen | None = None
 
@@ -297,8 +312,12 @@ class ServerProcess:
         self.log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--port", str(self.port),
                                          *self.args], cwd=self.workdir, env=self.env, stdout=self.log_file,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, preexec_fn=self._limit_files)
         return self
+
+    def _limit_files(self) -> None:
+        if self.open_files is not None:  # the hard limit too: serve.py raises its own to the hard one
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     async def ready(self, timeout: float = 30) -> "ServerProcess":
         deadline = time.monotonic() + timeout
@@ -337,8 +356,9 @@ def servers(tmp_path):
     """Start service processes with `servers(env=..., args=...)`; all are stopped when the test ends."""
     started: list[ServerProcess] = []
 
-    async def start(env: dict | None = None, args: tuple = (), port: int | None = None, wait: bool = True):
-        server = ServerProcess(tmp_path, env or {}, args, port).start()
+    async def start(env: dict | None = None, args: tuple = (), port: int | None = None, wait: bool = True,
+                    open_files: int | None = None):
+        server = ServerProcess(tmp_path, env or {}, args, port, open_files).start()
         started.append(server)
         return await server.ready() if wait else server
 

@@ -3,8 +3,9 @@
 A listener is a WebSocket, an event stream (SSE) or a request waiting for its runs. Each has its own
 bounded backlog, so delivering an event only appends and returns. A listener that falls behind has
 its pending `text.delta` frames of one run merged into one (nothing is dropped); past the bound it
-is closed. The broker hands the hub each thread's events in `seq` order, from whichever process
-published them; the hub knows nothing of where they came from.
+is closed; a run's final event never counts against the bound. The broker hands the hub each
+thread's events in `seq` order, from whichever process published them; the hub knows nothing of
+where they came from.
 """
 
 import asyncio
@@ -18,13 +19,22 @@ from starlette import status
 from starlette.websockets import WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
-from broker import Broker, Event, encode
+from broker import TERMINAL, UNLOGGED, Broker, Event, encode, presence_signal
 
 log = logging.getLogger("gainz")
 
 SLOW_CONSUMER_CLOSE_CODE = status.WS_1013_TRY_AGAIN_LATER
 CLIENT_GONE = (WebSocketDisconnect, ClientDisconnected, OSError)  # a client that left mid-send: nothing to report
 MAX_BACKLOG_CHARS = 512 * 1024
+TYPING_SECONDS = 2.0  # at most one `typing` per user and thread this often, service-wide
+
+
+def counted(event: Event) -> int:
+    """The characters an event counts against a listener's bound. A run's final event counts none: it
+    carries the whole reply, so counting it would close a client that kept up with a long reply just as
+    the reply ends. A client that does not keep up is closed by the run's deltas, which count, and the
+    final event's text is encoded once for every listener, so holding it costs each only a reference."""
+    return 0 if event.type in TERMINAL else len(event.text)
 
 
 class TooManySockets(Exception):
@@ -50,7 +60,7 @@ class Frame:
         self.event = event
         self.deltas: list[str] | None = None  # once a later delta of the same run was merged in
         self.seq = event.seq
-        self.size = len(event.text)
+        self.size = counted(event)
 
     @property
     def type(self) -> str:
@@ -89,6 +99,7 @@ class Connection:
         self.held: list[Event] = []
         self.held_chars = 0
         self.close_code: int | None = None
+        self.slot: str | None = None  # a socket or event stream: the slot it holds, and it hears presence and typing
         self.writer: asyncio.Task | None = None
         self.endpoint = asyncio.current_task()  # serves the listener; done once it has closed it
         self._wakeup = asyncio.Event()
@@ -107,8 +118,10 @@ class Connection:
             return True
         if self.floor is None:
             self.held.append(event)
-            self.held_chars += len(event.text)
+            self.held_chars += counted(event)
             return self.held_chars <= self.max_backlog_chars
+        if event.type in UNLOGGED:
+            return self.send_now(event)
         if event.seq <= self.floor:
             return True
         self.floor = event.seq
@@ -172,34 +185,42 @@ class Hub:
         self.max_backlog_chars = max_backlog_chars
         self.threads: dict[str, set[Connection]] = {}
         self._slots = itertools.count()
+        self.closed_with: int | None = None  # once close_all: every listener that joins later is closed so too
 
     @contextlib.asynccontextmanager
     async def joined(self, thread_id: str, sub: str, after: int | None = None, socket_limit: int | None = None,
                      greet: bool = True) -> AsyncIterator[Connection]:
-        """Be on the thread for the block. A socket (`socket_limit` set) takes one of the user's slots,
-        and counts in `clients`; it begins with `thread.joined` and, with `after`, every event it missed
-        (or `resync`). Other listeners begin with the next event."""
+        """Be on the thread for the block. A socket or event stream (`socket_limit` set) takes one of the
+        user's slots, counts in `clients` and `present`, and hears `presence` and `typing`; it begins with
+        `thread.joined` and, with `after`, every event it missed (or `resync`). Other listeners begin with
+        the next event."""
         connection = Connection(thread_id, sub, self.max_backlog_chars)
         slot = f"{self.broker.process_id}:{next(self._slots)}"
-        clients = None
-        if socket_limit is not None:
-            clients = await self.broker.occupy(sub, thread_id, slot, socket_limit)
-            if clients is None:
-                raise TooManySockets(socket_limit)
         listeners = self.threads.setdefault(thread_id, set())
-        listeners.add(connection)
+        listeners.add(connection)  # first: what comes while it joins (others' presence included) waits for it
+        occupied = None
         try:
+            if socket_limit is not None:
+                connection.slot = slot
+                occupied = await self.broker.occupy(sub, thread_id, slot, socket_limit)
+                if occupied is None:
+                    raise TooManySockets(socket_limit)
+                if occupied.mine == 1:
+                    self.broker.signal(presence_signal(thread_id, sub, 1, slot))
             if len(listeners) == 1:
                 await self.broker.watch(thread_id)
             catch_up = await self.broker.catch_up(thread_id, after)
             first = []
             if greet:
-                first.append(Event.create(catch_up.seq, {"type": "thread.joined", "thread_id": thread_id,
-                                                         "clients": clients, "active_run": catch_up.active_run}))
+                first.append(Event.create(catch_up.seq, {
+                    "type": "thread.joined", "thread_id": thread_id, "clients": occupied and occupied.clients,
+                    "present": occupied and occupied.present, "active_run": catch_up.active_run}))
             if after is not None and catch_up.missed is None:
                 first.append(self.resync_event(thread_id, catch_up.seq))
             first += catch_up.missed or []
             connection.start(catch_up.seq, first)
+            if self.closed_with is not None:  # joined while the service stops: its server would close it with 1012
+                connection.close(self.closed_with)
             yield connection
         finally:
             connection.close(status.WS_1000_NORMAL_CLOSURE)
@@ -207,13 +228,31 @@ class Hub:
             if thread_id not in self.threads:
                 with contextlib.suppress(Exception):  # the broker may be down: nothing to undo then
                     await self.broker.unwatch(thread_id)
-            if clients is not None:
+            if occupied is not None:
                 with contextlib.suppress(Exception):
-                    await self.broker.vacate(sub, thread_id, slot)
+                    if await self.broker.vacate(sub, thread_id, slot) == 0:
+                        self.broker.signal(presence_signal(thread_id, sub, 0, slot))
             if connection.writer is not None:
                 await asyncio.wait([connection.writer])
                 if not connection.writer.cancelled() and (error := connection.writer.exception()):
                     log.error("writing to a socket failed", exc_info=error)
+
+    async def typing(self, connection: Connection) -> None:
+        """The user is typing: the thread's other clients hear of it, once per TYPING_SECONDS at most."""
+        with contextlib.suppress(Exception):  # a hint, not worth an error: dropped when the broker is down
+            if await self.broker.claim_once(f"typing:{connection.thread_id}:{connection.sub}", TYPING_SECONDS):
+                self.broker.signal({"kind": "typing", "thread_id": connection.thread_id, "user": connection.sub,
+                                    "from": connection.slot})
+
+    def announce(self, signal: dict) -> None:
+        """A `presence` or `typing` signal, from any process, to this one's clients of the thread (but the one
+        it came from): a frame with no seq, that no resume replays."""
+        thread_id = signal["thread_id"]
+        fields = ("user", "sockets") if signal["kind"] == "presence" else ("user",)
+        event = Event.unlogged({"type": signal["kind"], "thread_id": thread_id} | {key: signal[key] for key in fields})
+        for connection in tuple(self.threads.get(thread_id, ())):
+            if connection.slot is not None and connection.slot != signal.get("from") and not connection.offer(event):
+                self.drop(connection, SLOW_CONSUMER_CLOSE_CODE)
 
     @staticmethod
     def resync_event(thread_id: str, seq: int) -> Event:
@@ -256,6 +295,7 @@ class Hub:
     def close_all(self, code: int) -> list[asyncio.Task]:
         """Close every listener with `code`; returns the tasks serving them, each done once it has sent its
         client the close (a socket's close frame, an event stream's end, a waiting request's answer)."""
+        self.closed_with = code
         connections = [connection for listeners in self.threads.values() for connection in listeners]
         for connection in connections:
             self.drop(connection, code)

@@ -6,6 +6,7 @@ streams, token by token, to every socket on its thread.
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 
 import openai
 from dotenv import load_dotenv
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette import status
 from starlette.applications import Starlette
@@ -30,8 +32,10 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from swagger_ui_bundle import swagger_ui_path
 
 import openapi
 from api import (
@@ -47,17 +51,20 @@ from api import (
     ThreadChange,
     ToolOutputs,
     ToolOutputsFrame,
+    TypingFrame,
     describe,
 )
-from assistants import Engine, ServiceStopping, ThreadEvents, UpstreamError, UpstreamRateLimited, UpstreamTimeout
+from assistants import Engine, ServiceStopping, UpstreamError, UpstreamRateLimited, UpstreamTimeout
 from auth import JWT_SECRET_SETTING, JWTAuthMiddleware, JWTSettings, User, demo_tokens_banner, generate_secret
-from broker import TERMINAL, BrokerUnavailable, ResumeWindow, broker_for
+from broker import TERMINAL, UNLOGGED, BrokerUnavailable, ResumeWindow, broker_for
 from hub import Closed, Connection, Hub, TooManySockets
+from metrics import MeasuredEvents, Metrics
 from offline_model import OfflineModel, serve_on_loopback
 from store import (
     DEFAULT_DATABASE_URL,
     BadPage,
     Conflict,
+    DatabaseUnreachable,
     LimitReached,
     Limits,
     NotFound,
@@ -74,7 +81,9 @@ Body = TypeVar("Body", bound=BaseModel)
 
 DEMO_PAGE = Path(__file__).resolve().parent / "demo.html"
 DEMO_TOKENS_SLOT = '<script id="demo-tokens" type="application/json">null</script>'
-PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/openapi.json")})
+FORWARDING_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip", b"x-forwarded-host"})
+PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/"),
+                           ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/*")})
 DEFAULT_ASSISTANT = "assistant"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant."
 MAX_BODY_BYTES = 256 * 1024
@@ -84,6 +93,8 @@ WS_REMOVED_FROM_THREAD = 4403
 WS_THREAD_DELETED = 4404
 SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent for long
 RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost
+RUN_POLL_SECONDS = 0.5  # ... and this often once it no longer hears the thread's events
+READY_CHECK_SECONDS = 3  # a database or Redis slower than this to answer SELECT 1 or PING is as good as down
 SEVERAL_PROCESSES = """\
 Another process is already serving {database}. Several processes (uvicorn --workers, or several hosts)
 must share their live events and limits: set REDIS_URL (for example REDIS_URL=redis://127.0.0.1:6379/0)
@@ -108,6 +119,11 @@ class Config:
     max_sockets_per_user: int = 20
     max_assistants_per_user: int = 100
     max_threads_per_user: int = 1000
+    max_rounds: int = 5
+    socket_slot_seconds: float = 30.0
+    messages_per_minute: int = 60
+    message_burst: int = 10
+    max_page_chars: int = 1024 * 1024
     context_chars: int = 60_000
     run_lease_seconds: float = 10.0
     shutdown_grace_seconds: float = 10.0
@@ -122,12 +138,13 @@ class Config:
 
     def __post_init__(self):
         counts = ("max_waiting_runs", "max_runs_per_user", "max_sockets_per_user", "max_assistants_per_user",
-                  "max_threads_per_user", "resume_events", "resume_log_events")
+                  "max_threads_per_user", "max_rounds", "resume_events", "resume_log_events", "messages_per_minute",
+                  "message_burst", "max_page_chars")
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
         for name in ("openai_timeout_seconds", "run_lease_seconds", "resume_seconds", "body_timeout_seconds",
-                     "tool_timeout_seconds", "tool_call_seconds"):
+                     "socket_slot_seconds", "tool_timeout_seconds", "tool_call_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.upper()} must be positive")
         for name in ("openai_max_retries", "offline_token_delay", "shutdown_grace_seconds", "tool_rounds"):
@@ -162,7 +179,9 @@ class Config:
     @property
     def limits(self) -> Limits:
         return Limits(waiting_runs_per_thread=self.max_waiting_runs, runs_per_user=self.max_runs_per_user,
-                      assistants_per_user=self.max_assistants_per_user, threads_per_user=self.max_threads_per_user)
+                      assistants_per_user=self.max_assistants_per_user, threads_per_user=self.max_threads_per_user,
+                      messages_per_minute=self.messages_per_minute, message_burst=self.message_burst,
+                      page_chars=self.max_page_chars)
 
     @property
     def resume_window(self) -> ResumeWindow:
@@ -224,8 +243,11 @@ def state(request: Request | WebSocket):
     return request.app.state
 
 
-async def chosen_assistants(request: Request | WebSocket, sub: str, body: RunRequest) -> list:
-    return [await state(request).store.find_assistant(sub, name) for name in body.names(DEFAULT_ASSISTANT)]
+async def chosen_assistants(request: Request | WebSocket, sub: str, body: RunRequest) -> tuple[list, int]:
+    """The assistants named, and how many rounds they answer in."""
+    if body.rounds > (most := state(request).config.max_rounds):
+        raise bad_request(f"rounds: at most {most}")
+    return [await state(request).store.find_assistant(sub, name) for name in body.names(DEFAULT_ASSISTANT)], body.rounds
 
 
 # ---------------------------------------------------------------- REST routes
@@ -234,19 +256,71 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+async def ready(request: Request) -> JSONResponse:
+    """200 when the database (and Redis, where configured) answer; 503 naming those that do not."""
+    app = state(request)
+    checks = {"database": app.store.check()}
+    if app.config.redis_url:
+        checks["redis"] = app.broker.ping()
+    answered = await asyncio.gather(*map(answers, checks.values()))
+    if down := [name for name, up in zip(checks, answered, strict=True) if not up]:
+        return JSONResponse({"status": "unavailable", "down": down}, status.HTTP_503_SERVICE_UNAVAILABLE)
+    return JSONResponse({"status": "ok"})
+
+
+async def answers(check) -> bool:
+    try:
+        async with asyncio.timeout(READY_CHECK_SECONDS):
+            await check
+    except Exception as error:
+        log.warning("readiness: %s", error or type(error).__name__)
+        return False
+    return True
+
+
+async def metrics_page(request: Request) -> Response:
+    return Response(generate_latest(state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def docs_page(request: Request) -> HTMLResponse:
+    return HTMLResponse(openapi.INTERACTIVE_PAGE)
+
+
 async def demo_page(request: Request) -> HTMLResponse:
     """The demo page. In dev mode (no JWT_SECRET_KEY), to a browser on this machine, it comes with alice's
     and bob's tokens, as the start-up log does; never to another host."""
     page = state(request).demo_page
     jwt_settings = state(request).jwt
-    if jwt_settings.secret_is_generated and request.client and request.client.host in ("127.0.0.1", "::1"):
+    if jwt_settings.secret_is_generated and straight_from_this_machine(request.scope):
         tokens = json.dumps({sub: jwt_settings.mint(sub) for sub in ("alice", "bob")})
         page = page.replace(DEMO_TOKENS_SLOT, DEMO_TOKENS_SLOT.replace(">null<", f">{tokens}<"))
     return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
 
+def straight_from_this_machine(scope) -> bool:
+    """Whether the connection came from this machine, with no proxy in between. A request that names a
+    forwarded client came through a proxy, whatever it says; without such a header, `client` is the peer
+    as the socket has it (a proxy-headers middleware rewrites it only from X-Forwarded-For), and
+    `server`, the address the connection reached, is never rewritten: a remote peer cannot reach loopback."""
+    if any(name in FORWARDING_HEADERS for name, _ in scope["headers"]):
+        return False
+    return all(address is not None and is_loopback(address[0]) for address in (scope.get("client"),
+                                                                                scope.get("server")))
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 async def openapi_document(request: Request) -> JSONResponse:
-    return JSONResponse(state(request).openapi)
+    # The server is the one asked: a client that imports the document (Postman) sends its requests there.
+    return JSONResponse(state(request).openapi | {"servers": [{"url": str(request.base_url).rstrip("/")}]})
 
 
 async def list_assistants(request: Request) -> JSONResponse:
@@ -328,18 +402,18 @@ async def list_messages(request: Request) -> JSONResponse:
 async def post_message(request: Request) -> Response:
     thread = await visible_thread(request)
     body = await parsed(request, NewMessage)
-    assistants = await chosen_assistants(request, request.user.sub, body) if body.run else []
-    return await answer_runs(request, thread.id, body.content, assistants, status.HTTP_201_CREATED)
+    assistants, rounds = await chosen_assistants(request, request.user.sub, body) if body.run else ([], 1)
+    return await answer_runs(request, thread.id, body.content, assistants, rounds, status.HTTP_201_CREATED)
 
 
 async def start_runs(request: Request) -> Response:
     thread = await visible_thread(request)
     body = await parsed(request, RunRequest, optional=True)
-    return await answer_runs(request, thread.id, None, await chosen_assistants(request, request.user.sub, body),
+    return await answer_runs(request, thread.id, None, *await chosen_assistants(request, request.user.sub, body),
                              status.HTTP_200_OK)
 
 
-async def answer_runs(request: Request, thread_id: str, content: str | None, assistants: list,
+async def answer_runs(request: Request, thread_id: str, content: str | None, assistants: list, rounds: int,
                       status_code: int) -> Response:
     """Submit, then answer once every run has ended: with JSON, or as it happens with Server-Sent Events.
     The runs go on, and are stored, if the client leaves."""
@@ -348,7 +422,7 @@ async def answer_runs(request: Request, thread_id: str, content: str | None, ass
     # Listen before submitting: the runs may start (on any process) the moment they are stored.
     connection = await listening.enter_async_context(app.hub.joined(thread_id, request.user.sub, greet=False))
     try:
-        submission = await app.engine.submit(thread_id, request.user.sub, content, assistants)
+        submission = await app.engine.submit(thread_id, request.user.sub, content, assistants, rounds)
     except BaseException:
         await listening.aclose()
         raise
@@ -370,9 +444,15 @@ async def until_runs_end(connection: Connection, submission: Submission, store: 
     while waiting:
         try:
             frame = await connection.get(within=RUN_CHECK_SECONDS)
-        except Closed as closed:  # the service is stopping (its runs wait in the store), or the thread was deleted
-            raise (ServiceStopping() if closed.code == status.WS_1001_GOING_AWAY else NotFound("thread not found")) \
-                from None
+        except Closed as closed:
+            if closed.code == WS_THREAD_DELETED:
+                raise NotFound("thread not found") from None
+            if closed.code == status.WS_1001_GOING_AWAY:  # its runs wait in the store for the next process
+                raise ServiceStopping() from None
+            while waiting:  # closed for another reason (too far behind, its user removed): the runs go on
+                await asyncio.sleep(RUN_POLL_SECONDS)
+                waiting -= await store.ended(waiting)
+            return
         if frame is None or frame.type == "resync":
             waiting -= await store.ended(waiting)
         elif frame.type in TERMINAL:
@@ -384,7 +464,8 @@ def wants_event_stream(request: Request) -> bool:
 
 
 def sse(frame, thread_id: str) -> str:
-    return f"id: {frame.seq}\nevent: {frame.type}\ndata: {frame.text(thread_id)}\n\n"
+    event_id = "" if frame.type in UNLOGGED else f"id: {frame.seq}\n"  # a client resumes from thread events only
+    return f"{event_id}event: {frame.type}\ndata: {frame.text(thread_id)}\n\n"
 
 
 class EventStream(StreamingResponse):
@@ -448,6 +529,12 @@ async def thread_events(request: Request) -> Response:
     return EventStream(frames(), listening)
 
 
+async def thread_presence(request: Request) -> JSONResponse:
+    """GET /threads/{id}/presence: who is connected to the thread now, service-wide."""
+    thread = await visible_thread(request)
+    return JSONResponse({"data": await state(request).broker.present(thread.id), "has_more": False})
+
+
 def resume_point(value: str | None) -> int | None:
     if value is None:
         return None
@@ -492,7 +579,8 @@ async def thread_socket(websocket: WebSocket) -> None:
         after = resume_point(websocket.query_params.get("after"))
         async with app.hub.joined(thread.id, user.sub, after=after,
                                   socket_limit=app.config.max_sockets_per_user) as connection:
-            close_code = await serve_socket(websocket, connection, user, app)
+            with app.metrics.sockets_open.track_inprogress():
+                close_code = await serve_socket(websocket, connection, user, app)
     except (NotFound, TooManySockets, BrokerUnavailable, HTTPException) as error:  # before the handshake is accepted
         return await websocket.send_denial_response(await handle_error(websocket, error))
     if close_code is not None:
@@ -521,8 +609,9 @@ async def serve_socket(websocket: WebSocket, connection: Connection, user: User,
 
 
 async def read_frames(websocket: WebSocket, connection: Connection, thread_id: str, sub: str, app) -> None:
-    def reply_error(code: str, message: str) -> None:
-        connection.note({"type": "error", "error": {"code": code, "message": message}})
+    def reply_error(code: str, message: str, retry_after: float | None = None) -> None:
+        error = {"code": code, "message": message} | ({"retry_after": retry_after} if retry_after else {})
+        connection.note({"type": "error", "error": error})
 
     while True:
         message = await websocket.receive()
@@ -537,23 +626,28 @@ async def read_frames(websocket: WebSocket, connection: Connection, thread_id: s
             continue
         try:
             frame = Frame.validate_json(text)
-            if isinstance(frame, CancelFrame):
+            if isinstance(frame, TypingFrame):
+                await app.hub.typing(connection)
+            elif isinstance(frame, CancelFrame):
                 await cancel(app, thread_id, frame.run_id, sub)
             elif isinstance(frame, ToolOutputsFrame):
                 await answer_tool_calls(app, thread_id, frame.run_id, frame.pairs())
             else:
                 content = frame.content if isinstance(frame, MessageFrame) else None
                 run = not isinstance(frame, MessageFrame) or frame.run
-                assistants = await chosen_assistants(websocket, sub, frame) if run else []
-                await app.engine.submit(thread_id, sub, content, assistants)
+                assistants, rounds = await chosen_assistants(websocket, sub, frame) if run else ([], 1)
+                await app.engine.submit(thread_id, sub, content, assistants, rounds)
         except ValidationError as error:
             reply_error("invalid_frame", describe(error, tagged=True))
+        except HTTPException as error:
+            reply_error("invalid_frame", error.detail)
         except NotFound as error:
             reply_error("not_found", error.message)
         except Conflict as error:
             reply_error("conflict", error.message)
         except LimitReached as error:
-            reply_error("limit_reached", error.message)
+            app.metrics.limit_hit(thread_socket)
+            reply_error("limit_reached", error.message, error.retry_after)
         except ServiceStopping as error:
             reply_error("unavailable", error.message)
 
@@ -579,6 +673,7 @@ async def handle_error(request: Request | WebSocket, error: Exception) -> Respon
     if isinstance(error, Conflict):
         return error_response(status.HTTP_409_CONFLICT, error.message)
     if isinstance(error, (LimitReached, TooManySockets)):
+        state(request).metrics.limit_hit(request.scope.get("endpoint"))
         return error_response(status.HTTP_429_TOO_MANY_REQUESTS, error.message,
                               retry_after(getattr(error, "retry_after", None)))
     if isinstance(error, (ServiceStopping, BrokerUnavailable)):
@@ -677,14 +772,22 @@ async def lifespan(app: Starlette):
     config: Config = app.state.config
     async with contextlib.AsyncExitStack() as stack:
         store = Store(database_for(config.database_url), config.limits)
-        await store.open()
+        try:
+            await store.open()
+        except DatabaseUnreachable as error:
+            raise StartupRefused(f"{error} ({redacted_url(config.database_url)})") from None
         stack.push_async_callback(store.close)
-        broker = broker_for(config.redis_url, config.resume_window, config.redis_prefix)
+        broker = broker_for(config.redis_url, config.resume_window, config.redis_prefix, config.socket_slot_seconds)
         if not broker.shared_across_processes() and not await store.db.hold_process_lock():
             raise StartupRefused(SEVERAL_PROCESSES.format(database=redacted_url(config.database_url)))
         if app.state.jwt is None:
             secret, _ = await store.setting(JWT_SECRET_SETTING, generate_secret)
             app.state.jwt = JWTSettings.from_env(config.environ, generated_secret=secret)
+        if app.state.jwt.secret_is_generated:
+            log.warning("Demo sign-in is on (no JWT_SECRET_KEY): the page at / hands alice's and bob's tokens to a "
+                        "browser on this machine, never through a proxy; set JWT_SECRET_KEY to turn it off")
+        else:
+            log.info("Demo sign-in is off: JWT_SECRET_KEY is set")
 
         api_key, base_url = config.openai_api_key, config.openai_base_url
         if not api_key and not base_url:
@@ -707,7 +810,7 @@ async def lifespan(app: Starlette):
                                       item.get("instructions") or "", item.get("id"), update=True)
 
         hub = Hub(broker)
-        engine = Engine(client, store, ThreadEvents(broker.publish), broker.process_id,
+        engine = Engine(client, store, MeasuredEvents(broker.publish, app.state.metrics), broker.process_id,
                         context_chars=config.context_chars, lease_seconds=config.run_lease_seconds,
                         tool_rounds=config.tool_rounds, tool_timeout=config.tool_timeout_seconds,
                         tool_call_seconds=config.tool_call_seconds)
@@ -723,8 +826,10 @@ async def lifespan(app: Starlette):
                 engine.forget_thread(message["thread_id"])
             elif kind == "members.removed":
                 hub.close_thread(message["thread_id"], WS_REMOVED_FROM_THREAD, set(message["subs"]))
+            elif kind in ("presence", "typing"):
+                hub.announce(message)
 
-        await broker.open(hub.deliver, on_signal, hub.resync)
+        await broker.open(app.state.metrics.delivering(hub), on_signal, hub.resync)
         stack.push_async_callback(broker.close)
         log.info("Database: %s; live events: %s", redacted_url(config.database_url),
                  redacted_url(config.redis_url) if config.redis_url else "this process only (no REDIS_URL)")
@@ -761,8 +866,12 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+            Route("/metrics", metrics_page, methods=["GET"]),
             Route("/", demo_page, methods=["GET"]),
             Route("/openapi.json", openapi_document, methods=["GET"]),
+            Route("/docs", docs_page, methods=["GET"]),
+            Mount("/docs", StaticFiles(directory=swagger_ui_path), name="docs_assets"),
             Route("/tools", list_tools, methods=["GET"]),
             Route("/assistants", list_assistants, methods=["GET"]),
             Route("/assistants", create_assistant, methods=["POST"]),
@@ -779,6 +888,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
             Route("/threads/{thread_id}/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
             Route("/threads/{thread_id}/runs/{run_id}/tool_outputs", post_tool_outputs, methods=["POST"]),
             Route("/threads/{thread_id}/events", thread_events, methods=["GET"]),
+            Route("/threads/{thread_id}/presence", thread_presence, methods=["GET"]),
             WebSocketRoute("/threads/{thread_id}/ws", thread_socket),
         ],
         middleware=middleware,
@@ -789,6 +899,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
     )
     app.state.config = config
     app.state.jwt = jwt_settings
+    app.state.metrics = Metrics()
     app.state.openapi = openapi.document(app.routes, VERSION)
     app.state.demo_page = DEMO_PAGE.read_text()
     return app

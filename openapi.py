@@ -2,7 +2,9 @@
 
 Each route's entry below says what it takes and answers; `document` checks the two against each other, so a
 route without an entry (or an entry without a route) fails loudly instead of going undocumented. WebSocket
-routes have no place in OpenAPI: the document's description points to the README for them.
+routes have no place in OpenAPI: the document's description points to the README for them. Every parameter
+and body carries an example, and main.py adds the server asked, so that a client generated from the document
+works as it is; `/docs` shows it in Swagger UI.
 """
 
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from api import (
     NewAssistant,
     NewMessage,
     NewThread,
+    NotReady,
+    PresenceList,
     RunRequest,
     Runs,
     Thread,
@@ -47,13 +51,31 @@ ERRORS = {
     504: "the upstream timed out",
 }
 # A text/event-stream schema describes one event (OpenAPI 3.1 has no way to describe the stream as a whole).
-SERVER_SENT_EVENT = {"type": "object", "required": ["id", "event", "data"], "description":
-                     "one Server-Sent Event: `id: <seq>`, `event: <type>`, `data: <the JSON a WebSocket gets>`",
+SERVER_SENT_EVENT = {"type": "object", "required": ["event", "data"], "description":
+                     "one Server-Sent Event: `id: <seq>` (none on `presence` and `typing`), `event: <type>`, "
+                     "`data: <the JSON a WebSocket gets>`",
                      "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"}, "event": {"type": "string"},
                                     "data": {"type": "string", "contentMediaType": "application/json"}}}
 EVENT_STREAM = {"text/event-stream": {"schema": SERVER_SENT_EVENT}}
-CONTENT_SCHEMAS = {"text/html": {"type": "string"}, "application/json": {"type": "object"},
-                   "text/event-stream": SERVER_SENT_EVENT}
+CONTENT_SCHEMAS = {"text/html": {"type": "string"}, "text/plain": {"type": "string"},
+                   "application/json": {"type": "object"}, "text/event-stream": SERVER_SENT_EVENT}
+# An example for every parameter and body, so that a client generated from the document (Postman's import, with
+# parameters generated from examples) sends requests that work: those that need no earlier answer's id succeed.
+# The assistant created by the POST example is the one the {assistant} example reads, then deletes.
+BODY_EXAMPLES: dict[type[BaseModel], dict] = {
+    NewAssistant: {"name": "helper", "instructions": "Answer in one short paragraph.", "tools": ["current_time"]},
+    NewThread: {"members": ["bob"], "title": "Trip planning"},
+    ThreadChange: {"members": ["bob", "carol"], "title": "Trip planning, with carol"},
+    NewMessage: {"content": "Where should we go in May?", "assistant": "assistant"},
+    RunRequest: {"assistant": "assistant"},
+    ToolOutputs: {"outputs": [{"call_id": "call_3f9a1c7e5b2d4a60", "output": "Lisbon: 24 °C, sunny"}]},
+}
+PATH_EXAMPLES = {"assistant": "helper", "thread_id": "thread_5f1c0a9e2b7d4c83a6e19f20",
+                 "run_id": "run_0c7e4b1a9d2f4e6a8b3c5d71"}
+LIST_EXAMPLES = {"/assistants": "asst_2d9a7c41e08b4f5a9c6e3b12", "/threads": "thread_5f1c0a9e2b7d4c83a6e19f20",
+                 "/threads/{thread_id}/messages": "msg_8e3b2f6c1a0d4b7e9f5a2c48"}  # after= and before=: an id
+QUERY_EXAMPLES = {"limit": 20, "order": "asc"}
+SEQ_EXAMPLE = "42"
 
 
 @dataclass(frozen=True)
@@ -73,8 +95,14 @@ class Operation:
 RUNS = (400, 404, 413, 429, 502, 503, 504)
 OPERATIONS = {
     ("GET", "/health"): Operation("Is the service up", {200: Health}, public=True),
+    ("GET", "/ready"): Operation("Do the database (and Redis, where configured) answer", {200: Health, 503: NotReady},
+                                 public=True),
+    ("GET", "/metrics"): Operation("This process's metrics, in Prometheus's text format", {200: None}, public=True,
+                                   content_type="text/plain"),
     ("GET", "/"): Operation("The demo page", {200: None}, public=True, content_type="text/html"),
     ("GET", "/openapi.json"): Operation("This document", {200: None}, public=True, content_type="application/json"),
+    ("GET", "/docs"): Operation("This document, to read and try in a browser", {200: None}, public=True,
+                                content_type="text/html"),
     ("GET", "/tools"): Operation("The server tools an assistant may be given by name", {200: ToolList}),
     ("GET", "/assistants"): Operation("The assistants the caller may use (shared and own), oldest first",
                                       {200: AssistantList}, listing=True, errors=(400,)),
@@ -105,6 +133,9 @@ OPERATIONS = {
     ("POST", "/threads/{thread_id}/runs/{run_id}/tool_outputs"): Operation(
         "Answer a run's client tool calls (the first answer to a call wins); the run goes on once all are",
         {200: ToolOutputsAccepted}, body=ToolOutputs, errors=(400, 404, 409, 413)),
+    ("GET", "/threads/{thread_id}/presence"): Operation(
+        "Who is connected to the thread now (sockets and event streams, service-wide)", {200: PresenceList},
+        errors=(404,)),
     ("GET", "/threads/{thread_id}/events"): Operation(
         "The thread's live events as Server-Sent Events, from thread.joined on; resume with Last-Event-ID",
         {200: None}, content_type="text/event-stream", errors=(400, 404, 429),
@@ -154,16 +185,18 @@ def _schema(refs: dict, model: type[BaseModel]) -> dict:
 
 def _operation(method: str, path: str, operation: Operation, refs: dict) -> dict:
     described: dict = {"summary": operation.summary, "operationId": _operation_id(method, path)}
-    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for name in _path_names(path)]
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"},
+                   "example": PATH_EXAMPLES[name]} for name in _path_names(path)]
     if operation.listing:
-        parameters += [{"name": name, "in": "query", "required": False, "schema": _without_null(schema)}
+        examples = QUERY_EXAMPLES | {"after": LIST_EXAMPLES[path], "before": LIST_EXAMPLES[path]}
+        parameters += [{"name": name, "in": "query", "required": False, "schema": _without_null(schema),
+                        "example": examples[name]}
                        for name, schema in ListQuery.model_json_schema()["properties"].items()]
     if path.endswith("/events"):
         parameters += [{"name": "after", "in": "query", "required": False,
-                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"}},
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"}, "example": SEQ_EXAMPLE},
                        {"name": "Last-Event-ID", "in": "header", "required": False,
-                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"}}]
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"}, "example": SEQ_EXAMPLE}]
     if operation.streams:
         described["description"] = ("With `Accept: text/event-stream`, the answer is the request's own events as "
                                     "they happen, ending after its last run.")
@@ -171,7 +204,7 @@ def _operation(method: str, path: str, operation: Operation, refs: dict) -> dict
         described["parameters"] = parameters
     if operation.body is not None:
         described["requestBody"] = {"required": not operation.body_optional, "content": {
-            "application/json": {"schema": _schema(refs, operation.body)}}}
+            "application/json": {"schema": _schema(refs, operation.body), "example": BODY_EXAMPLES[operation.body]}}}
     answers = {}
     for status_code, model in operation.answers.items():
         answer: dict = {"description": "OK" if status_code < 300 else ""}
@@ -188,6 +221,27 @@ def _operation(method: str, path: str, operation: Operation, refs: dict) -> dict
     described["responses"] = answers
     described["security"] = [] if operation.public else [{"bearer": []}]
     return described
+
+
+# Swagger UI, from the files the service serves at /docs/ (swagger-ui-bundle-v2). validatorUrl null: it would
+# otherwise send the document to Swagger's public validator.
+INTERACTIVE_PAGE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Gainz OpenAI Backend: API</title>
+  <link rel="stylesheet" href="docs/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="docs/swagger-ui-bundle.js"></script>
+  <script>
+    SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", validatorUrl: null, persistAuthorization: true});
+  </script>
+</body>
+</html>
+"""
 
 
 def _without_null(schema: dict) -> dict:

@@ -10,7 +10,9 @@ Every process watching a thread subscribes to its channel and hands the hub its 
 order: its own come back from the script at once (one round trip, not two), the others' through
 pub/sub. An event that arrives ahead of its turn waits a moment for the ones before it, which are
 then read from the Stream, or, if Redis lost them, replaced by a `resync`. Sockets count in sorted
-sets that expire unless their process renews them, so a process that dies frees its users' slots.
+sets that expire unless their process renews them, so a process that dies frees its users' slots; a
+thread's set names each slot's user, so it is also who is present, and the processes watching the
+thread sweep out the dead ones' slots, announcing the users who left with them.
 Keys are built inside the scripts: one Redis (or a Sentinel pair), not a Redis Cluster.
 """
 
@@ -25,7 +27,18 @@ from collections.abc import Callable
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from broker import BrokerUnavailable, CatchUp, Event, ResumeWindow, encode, new_process_id
+from broker import (
+    BrokerUnavailable,
+    CatchUp,
+    Event,
+    Occupied,
+    ResumeWindow,
+    encode,
+    new_process_id,
+    presence_signal,
+    present,
+    slot_member,
+)
 
 log = logging.getLogger("gainz")
 
@@ -33,8 +46,7 @@ PREFIX = "gainz:"
 BATCH = 512  # events per script call
 MAX_PENDING = 50_000  # events waiting for Redis while it is away; past it the oldest are dropped
 GAP_WAIT = 0.2  # seconds an event waits for the ones before it, from another process, before asking the Stream
-SLOT_SECONDS = 30  # a socket's slot lasts this long unless its process renews it...
-SLOT_RENEW_SECONDS = 10  # ... which it does this often
+SLOT_SECONDS = 30.0  # a socket's slot lasts this long unless its process renews it, every third of that
 RECONNECT_CHECK_SECONDS = 1
 
 PUBLISH = """
@@ -80,18 +92,65 @@ if after ~= '' then missed = redis.call('XRANGE', key .. ':log', '(' .. after ..
 return {redis.call('GET', seq_key), run[1] or '', run[2] or '', redis.call('GET', key .. ':text') or '', missed}
 """
 
-OCCUPY = """
-local user_key, thread_key, slot, limit, seconds = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+USER_OF = """
+local function user_of(member) return string.sub(member, string.find(member, '\\n', 1, true) + 1) end
+local function count_of(key, sub)
+  local count = 0
+  for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if user_of(member) == sub then count = count + 1 end
+  end
+  return count
+end
+"""
+
+# A thread's set drops a lapsed slot only in SWEEP, which announces its user's leaving: counts that decide
+# an announcement (`mine`, what VACATE returns) take lapsed slots in, the list of who is present does not.
+OCCUPY = USER_OF + """
+local user_key, thread_key, slot, sub = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local limit, seconds = tonumber(ARGV[5]), tonumber(ARGV[6])
 local now = redis.call('TIME')
 now = now[1] + now[2] / 1000000
 redis.call('ZREMRANGEBYSCORE', user_key, '-inf', now)
-redis.call('ZREMRANGEBYSCORE', thread_key, '-inf', now)
 if redis.call('ZCARD', user_key) >= limit then return -1 end
 redis.call('ZADD', user_key, now + seconds, slot)
-redis.call('ZADD', thread_key, now + seconds, slot)
-redis.call('EXPIRE', user_key, seconds)
-redis.call('EXPIRE', thread_key, seconds)
-return redis.call('ZCARD', thread_key)
+redis.call('ZADD', thread_key, now + seconds, slot .. '\\n' .. sub)
+redis.call('PEXPIRE', user_key, math.ceil(seconds * 1000))
+redis.call('PEXPIRE', thread_key, math.ceil(seconds * 1000))
+return {count_of(thread_key, sub), redis.call('ZRANGEBYSCORE', thread_key, now, '+inf')}
+"""
+
+VACATE = USER_OF + """
+redis.call('ZREM', ARGV[1], ARGV[3])
+redis.call('ZREM', ARGV[2], ARGV[4])
+return count_of(ARGV[2], ARGV[5])
+"""
+
+PRESENT = """
+local now = redis.call('TIME')
+return redis.call('ZRANGEBYSCORE', ARGV[1], now[1] + now[2] / 1000000, '+inf')
+"""
+
+SWEEP = USER_OF + """
+local now = redis.call('TIME')
+now = now[1] + now[2] / 1000000
+local gone = {}
+for i = 1, #ARGV do
+  local lapsed = redis.call('ZRANGEBYSCORE', ARGV[i], '-inf', now)
+  if #lapsed > 0 then
+    redis.call('ZREMRANGEBYSCORE', ARGV[i], '-inf', now)
+    local left = {}
+    for _, member in ipairs(redis.call('ZRANGE', ARGV[i], 0, -1)) do left[user_of(member)] = true end
+    for _, member in ipairs(lapsed) do
+      local sub = user_of(member)
+      if not left[sub] then
+        left[sub] = true
+        gone[#gone + 1] = i
+        gone[#gone + 1] = sub
+      end
+    end
+  end
+end
+return gone
 """
 
 RENEW = """
@@ -99,7 +158,7 @@ local now = redis.call('TIME')
 local until_ = now[1] + now[2] / 1000000 + tonumber(ARGV[1])
 for i = 2, #ARGV, 2 do
   redis.call('ZADD', ARGV[i], until_, ARGV[i + 1])
-  redis.call('EXPIRE', ARGV[i], tonumber(ARGV[1]))
+  redis.call('PEXPIRE', ARGV[i], math.ceil(tonumber(ARGV[1]) * 1000))
 end
 return 1
 """
@@ -118,8 +177,9 @@ class Follow:
 
 
 class RedisBroker:
-    def __init__(self, url: str, window: ResumeWindow = ResumeWindow(), prefix: str = PREFIX):
-        self.url, self.window, self.prefix = url, window, prefix
+    def __init__(self, url: str, window: ResumeWindow = ResumeWindow(), prefix: str = PREFIX,
+                 slot_seconds: float = SLOT_SECONDS):
+        self.url, self.window, self.prefix, self.slot_seconds = url, window, prefix, slot_seconds
         self.process_id = new_process_id()
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2,
                                           health_check_interval=10)
@@ -127,11 +187,14 @@ class RedisBroker:
         self._publish = self.redis.register_script(PUBLISH)
         self._snapshot = self.redis.register_script(SNAPSHOT)
         self._occupy = self.redis.register_script(OCCUPY)
+        self._vacate = self.redis.register_script(VACATE)
+        self._present = self.redis.register_script(PRESENT)
+        self._sweep = self.redis.register_script(SWEEP)
         self._renew = self.redis.register_script(RENEW)
         self.pending: deque[tuple[str, dict, str]] = deque()
         self.lost_threads: set[str] = set()  # their pending events were dropped: they get a resync
         self.follows: dict[str, Follow] = {}
-        self.slots: dict[str, tuple[str, str]] = {}  # slot -> (user key, thread key)
+        self.slots: dict[str, tuple[str, str, str]] = {}  # slot -> (user key, thread key, its member there)
         self.healthy = True
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once Redis says it is subscribed
         self._background: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
@@ -144,6 +207,9 @@ class RedisBroker:
 
     def shared_across_processes(self) -> bool:
         return True
+
+    async def ping(self) -> None:
+        await self.redis.ping()
 
     def _thread_key(self, thread_id: str) -> str:
         return f"{self.prefix}t:{thread_id}"
@@ -165,9 +231,9 @@ class RedisBroker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(RedisError, OSError):
-            for slot, (user_key, thread_key) in self.slots.items():
+            for slot, (user_key, thread_key, member) in self.slots.items():
                 await self.redis.zrem(user_key, slot)
-                await self.redis.zrem(thread_key, slot)
+                await self.redis.zrem(thread_key, member)
         with contextlib.suppress(RedisError, OSError, RuntimeError):
             await self.pubsub.aclose()
         await self.redis.aclose()
@@ -395,37 +461,57 @@ class RedisBroker:
 
     # ------------------------------------------------------------ sockets
 
-    async def occupy(self, sub: str, thread_id: str, slot: str, limit: int) -> int | None:
-        user_key, thread_key = f"{self.prefix}sockets:user:{sub}", f"{self.prefix}sockets:thread:{thread_id}"
+    def _socket_keys(self, sub: str, thread_id: str) -> tuple[str, str]:
+        return f"{self.prefix}sockets:user:{sub}", f"{self.prefix}sockets:thread:{thread_id}"
+
+    async def occupy(self, sub: str, thread_id: str, slot: str, limit: int) -> Occupied | None:
+        user_key, thread_key = self._socket_keys(sub, thread_id)
         try:
-            clients = await self._occupy(args=[user_key, thread_key, slot, limit, SLOT_SECONDS])
+            taken = await self._occupy(args=[user_key, thread_key, slot, sub, limit, self.slot_seconds])
         except (RedisError, OSError) as error:
             self._unhealthy("counting sockets", error)
             raise BrokerUnavailable() from None
-        if clients < 0:
+        if taken == -1:
             return None
-        self.slots[slot] = (user_key, thread_key)
-        return clients
+        self.slots[slot] = (user_key, thread_key, slot_member(slot, sub))
+        mine, members = taken
+        return Occupied(present(members), mine)
 
-    async def vacate(self, sub: str, thread_id: str, slot: str) -> None:
-        keys = self.slots.pop(slot, None)
-        if keys is not None:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.zrem(key, slot)
-                await pipe.execute()
+    async def vacate(self, sub: str, thread_id: str, slot: str) -> int:
+        if self.slots.pop(slot, None) is None:
+            return 0
+        user_key, thread_key = self._socket_keys(sub, thread_id)
+        return await self._vacate(args=[user_key, thread_key, slot, slot_member(slot, sub), sub])
+
+    async def present(self, thread_id: str) -> list[dict]:
+        try:
+            return present(await self._present(args=[self._socket_keys("", thread_id)[1]]))
+        except (RedisError, OSError) as error:
+            self._unhealthy("reading who is present", error)
+            raise BrokerUnavailable() from None
 
     async def _renewer(self) -> None:
         while True:
-            await asyncio.sleep(SLOT_RENEW_SECONDS)
-            args: list = [SLOT_SECONDS]
-            for slot, (user_key, thread_key) in list(self.slots.items()):
-                args += [user_key, slot, thread_key, slot]
-            if len(args) > 1:
-                with contextlib.suppress(RedisError, OSError):
+            await asyncio.sleep(self.slot_seconds / 3)
+            with contextlib.suppress(RedisError, OSError):
+                args: list = [self.slot_seconds]
+                for slot, (user_key, thread_key, member) in list(self.slots.items()):
+                    args += [user_key, slot, thread_key, member]
+                if len(args) > 1:
                     await self._renew(args=args)
+                await self._sweep_lapsed_slots()
+
+    async def _sweep_lapsed_slots(self) -> None:
+        """The slots of processes that died lapse; the users who were connected only through them have left."""
+        thread_ids = list(self.follows)
+        if not thread_ids:
+            return
+        gone = await self._sweep(args=[self._socket_keys("", thread_id)[1] for thread_id in thread_ids])
+        for index, sub in zip(gone[::2], gone[1::2], strict=True):
+            self.signal(presence_signal(thread_ids[int(index) - 1], sub, 0))
 
     async def claim_once(self, name: str, seconds: float) -> bool:
-        claimed = await self.redis.set(f"{self.prefix}once:{name}", self.process_id, nx=True, ex=max(1, int(seconds)))
+        claimed = await self.redis.set(f"{self.prefix}once:{name}", self.process_id, nx=True,
+                                       px=max(1, int(seconds * 1000)))
         return bool(claimed)
 

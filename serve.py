@@ -6,20 +6,30 @@ needs and uvicorn does not give by itself.
 What it adds (an option given on the command line wins over its default here):
 - a request head must arrive whole within REQUEST_HEAD_TIMEOUT seconds (5) of connecting, or of the
   previous response on a kept-alive connection; uvicorn itself waits forever (slowloris);
+- a connection answered while its request body is still arriving is closed (uvicorn keeps it for as
+  long as the client trickles the body in);
+- a connection whose client reads nothing of its answer (an event stream, mostly) for
+  WRITE_TIMEOUT_SECONDS (30) is dropped, and the app sees the client leave;
 - a WebSocket client that floods pings without reading the pongs stops being read once the pongs it
   left unread pass the transport's buffer (uvicorn would queue them without bound), and one sending
   over MAX_PINGS_PER_SECOND (100) is dropped;
 - WebSocket frames over 256 KiB are refused with 1009 (the service accepts 65,536 characters a frame;
   uvicorn's default, 16 MiB, lets a few clients take gigabytes);
-- the process may open as many files as its hard limit allows (one per connection);
+- the process may open as many files as its hard limit allows (one per connection); once they are all
+  used, a connection it cannot accept is closed at once and the failure logged once every
+  ACCEPT_ERROR_LOG_SECONDS (10), where asyncio logs a traceback per attempt;
 - with --workers, a worker that refuses to start stops the server with exit code 3 (uvicorn exits 0).
 `uvicorn main:app` still works, without these guards.
 """
 
+import asyncio
+import contextlib
 import importlib
 import logging
+import math
 import os
 import resource
+import socket
 import sys
 from pathlib import Path
 
@@ -28,11 +38,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 REQUEST_HEAD_TIMEOUT = float(os.environ.get("REQUEST_HEAD_TIMEOUT") or 5)
+WRITE_TIMEOUT_SECONDS = float(os.environ.get("WRITE_TIMEOUT_SECONDS") or 30)
 MAX_PINGS_PER_SECOND = 100  # a keepalive needs a few a minute
+ACCEPT_ERROR_LOG_SECONDS = 10
 UVICORN_DEFAULTS = [
     "--app-dir", str(Path(__file__).resolve().parent),
     "--http", "serve:GuardedHTTP",
     "--ws", "serve:GuardedWebSocket",
+    "--loop", "serve:GuardedLoop",
     "--ws-max-size", str(256 * 1024),
     "--timeout-keep-alive", "5",
     "--timeout-graceful-shutdown", "5",
@@ -40,9 +53,13 @@ UVICORN_DEFAULTS = [
 
 
 class GuardedHTTP(H11Protocol):
-    """HTTP/1.1 (h11) that closes a connection whose request head is not complete in time."""
+    """HTTP/1.1 (h11) that closes a connection whose request head is not complete in time, or whose
+    answer went out before its request body had all arrived, and drops one whose client has read nothing
+    for WRITE_TIMEOUT_SECONDS while its answer waits: an event stream would otherwise wait forever to
+    write, holding its user's socket slot. Dropped, not closed: closing waits for the answer to go out."""
 
     _head_timer = None
+    _write_timer = None
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -75,14 +92,45 @@ class GuardedHTTP(H11Protocol):
 
     def handle_websocket_upgrade(self, event) -> None:
         self._cancel_head_timer()
+        self._cancel_write_timer()
         super().handle_websocket_upgrade(event)
 
     def on_response_complete(self) -> None:
+        if self.conn.their_state is h11.SEND_BODY:
+            # Answered (401, 413, 408...) while the body is still arriving: the rest of it is of no use, and
+            # uvicorn would keep the connection for as long as a client trickles it in.
+            self.transport.close()
         super().on_response_complete()
         self._watch_for_a_head()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._expect_writes(self.transport.get_write_buffer_size())
+
+    def _expect_writes(self, unsent: int) -> None:
+        # Progress, not completion: a client reading a long answer slowly empties the buffer a little at a time.
+        def check() -> None:
+            if (left := self.transport.get_write_buffer_size()) < unsent:
+                self._expect_writes(left)
+            else:
+                self._write_timer = None
+                self.transport.abort()
+
+        self._write_timer = self.loop.call_later(WRITE_TIMEOUT_SECONDS, check)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_write_timer()
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
+        self._cancel_write_timer()
         super().connection_lost(exc)
 
 
@@ -130,6 +178,46 @@ class GuardedWebSocket(WebSocketsSansIOProtocol):
         super().keepalive_timeout()
         if self.transport.get_write_buffer_size():  # a close frame would never get through: drop it
             self.transport.abort()
+
+
+class GuardedLoop(asyncio.SelectorEventLoop):
+    """asyncio's loop, for a process out of file descriptors. asyncio (3.11 to 3.14) then goes on trying
+    every connection waiting to be accepted, each attempt logging a traceback and scheduling a retry of
+    its own: thousands a second, enough to fill a disk and keep a core busy. Here a descriptor kept in
+    reserve lets each waiting connection be accepted and closed at once (its client sees the connection
+    end instead of waiting), and the failure is logged once every ACCEPT_ERROR_LOG_SECONDS, with a count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._reserve: int | None = os.open(os.devnull, os.O_RDONLY)
+        self._accept_errors = 0
+        self._accept_error_logged = -math.inf
+
+    def call_exception_handler(self, context: dict) -> None:
+        if context.get("message") != "socket.accept() out of system resource":
+            return super().call_exception_handler(context)
+        self._turn_away(context["socket"])
+        self._accept_errors += 1
+        if self.time() - self._accept_error_logged >= ACCEPT_ERROR_LOG_SECONDS:
+            logging.getLogger("gainz").error(
+                "cannot accept connections: %s (%d refused since the last report); raise the file limit "
+                "(ulimit -n) or lower the connections allowed", context.get("exception"), self._accept_errors)
+            self._accept_errors, self._accept_error_logged = 0, self.time()
+
+    def _turn_away(self, listening) -> None:
+        """Accept the connection that could not be, with the reserve descriptor, and close it."""
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+            sock = socket.socket(fileno=listening.fileno())  # the listening socket itself, not a copy
+            try:
+                sock.accept()[0].close()
+            except OSError:
+                pass
+            finally:
+                sock.detach()
+        with contextlib.suppress(OSError):  # another thread took the descriptor: next time
+            self._reserve = os.open(os.devnull, os.O_RDONLY)
 
 
 def main(argv: list[str]) -> None:

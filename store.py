@@ -15,13 +15,14 @@ import contextlib
 import fcntl
 import functools
 import json
+import math
 import os
 import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -34,6 +35,7 @@ SHARED = ""  # the owner of shared assistants: no token's sub is empty
 TITLE_CHARS = 80
 RUN_STATES = ("queued", "active", "completed", "failed", "cancelled")
 PENDING = ("queued", "active")
+CONNECT_TIMEOUT_SECONDS = 5
 
 # Step N brings a database from version N-1 to N. `{serial}` is each engine's auto-numbered key.
 MIGRATIONS = [
@@ -68,6 +70,15 @@ MIGRATIONS = [
     # A reply cut short by an upstream failure is kept, marked, as a cancelled one is.
     """
     ALTER TABLE messages ADD COLUMN failed BOOLEAN NOT NULL DEFAULT FALSE;
+    """,
+    # A user's message allowance (see Store._spend_message_allowance): when the next message would be due.
+    """
+    ALTER TABLE users ADD COLUMN messages_due DOUBLE PRECISION NOT NULL DEFAULT 0;
+    """,
+    # Assistants in rounds: which request a run came from (its first run's id), and in which round.
+    """
+    ALTER TABLE runs ADD COLUMN submission_id TEXT;
+    ALTER TABLE runs ADD COLUMN submission_round INTEGER NOT NULL DEFAULT 1;
     """,
     # Tools: an assistant's list of them (JSON); a call, with its output once known, is a message of role "tool".
     """
@@ -109,6 +120,10 @@ class Conflict(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+
+class DatabaseUnreachable(Exception):
+    """The database refused or did not answer the first connection: the reason, in one line."""
 
 
 class LeaseLost(Exception):
@@ -279,6 +294,13 @@ class Postgres:
         self._lock_connection: psycopg.AsyncConnection | None = None
 
     async def open(self) -> None:
+        # One connection first: refused or unreachable, say so at once (the pool would retry for its timeout).
+        try:
+            probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+        except psycopg.OperationalError as error:
+            reason = " ".join(str(error).split())
+            raise DatabaseUnreachable(f"PostgreSQL is unreachable: {reason}") from None
+        await probe.close()
         await self._pool.open(wait=True, timeout=10)
 
     async def close(self) -> None:
@@ -423,6 +445,7 @@ class Run:
     error: dict | None
     reply_id: str | None
     usage: dict | None
+    rounds_dropped: tuple[str, ...] = ()  # a cancel's: the runs of the request's later rounds, cancelled with it
 
     @classmethod
     def from_row(cls, row: dict) -> "Run":
@@ -465,6 +488,9 @@ class Limits:
     runs_per_user: int = 16
     assistants_per_user: int = 100
     threads_per_user: int = 1000
+    messages_per_minute: int = 60
+    message_burst: int = 10
+    page_chars: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -524,9 +550,10 @@ class Store:
         return row["value"], bool(made)
 
     async def _page(self, tx: Cursor, source: str, where: str, params: tuple, keys: tuple[str, ...],
-                    default_order: str, page: Page, columns: str = "*") -> Listing:
+                    default_order: str, page: Page, size: str) -> Listing:
         """One page by keyset on `keys` (the last one unique). `after`/`before` are item ids, looked up in
-        the same visible set: an id outside it is refused like an unknown one."""
+        the same visible set: an id outside it is refused like an unknown one. `size` is an item's
+        characters: the page ends after the item that reaches `page_chars` (so it always has one)."""
         order = page.order or default_order
         key_list = ", ".join(keys)
         bounds, bound_params = [], []
@@ -542,10 +569,18 @@ class Store:
         # Only `before`: read backwards from it, then turn the page around.
         backwards = page.before is not None and page.after is None
         direction = {"asc": "ASC", "desc": "DESC"}[order if not backwards else ("desc" if order == "asc" else "asc")]
-        sql = (f"SELECT {columns} FROM {source} WHERE {' AND '.join([where, *bounds])} "
-               f"ORDER BY {', '.join(f'{key} {direction}' for key in keys)} LIMIT ?")
-        rows = await tx.all(sql, *params, *bound_params, page.limit + 1)
-        listing = Listing(rows[:page.limit], len(rows) > page.limit)
+        ordered = ", ".join(f"{key} {direction}" for key in keys)
+        size_of = f"({size})"
+        counted = (f"SELECT *, SUM({size_of}) OVER (ORDER BY {ordered}) AS page_chars, COUNT(*) OVER () AS page_rows "
+                   f"FROM (SELECT * FROM {source} WHERE {' AND '.join([where, *bounds])} ORDER BY {ordered} LIMIT ?) "
+                   "AS candidates")
+        # The rows travel only as far as the database: those past the page's characters are cut off there.
+        rows = await tx.all(f"SELECT * FROM ({counted}) AS counted WHERE page_chars - {size_of} < ? ORDER BY {ordered}",
+                            *params, *bound_params, page.limit + 1, self.limits.page_chars)
+        candidates = rows[0]["page_rows"] if rows else 0
+        for row in rows:
+            del row["page_chars"], row["page_rows"]
+        listing = Listing(rows[:page.limit], len(rows) > page.limit or len(rows) < candidates)
         if backwards:
             listing.data.reverse()
         return listing
@@ -583,27 +618,36 @@ class Store:
         return Assistant.from_row(row), created
 
     async def find_assistant(self, sub: str, ref: str) -> Assistant:
-        """By id or name among the caller's own and the shared ones; the caller's own hides a shared namesake."""
+        """By id or name among the caller's own and the shared ones: see `_resolve_assistant`."""
         async with self.db.reading() as tx:
-            row = await tx.one("SELECT * FROM assistants WHERE owner IN (?, ?) AND (id = ? OR name = ?) "
-                               "ORDER BY id = ? DESC, owner = ? ASC LIMIT 1", SHARED, sub, ref, ref, ref, SHARED)
+            return Assistant.from_row(await self._resolve_assistant(tx, sub, ref))
+
+    @staticmethod
+    async def _resolve_assistant(tx: Cursor, sub: str, ref: str) -> dict:
+        """The one rule for every route that names an assistant: an id means its assistant; a name means the
+        caller's own, else the shared one. The 404 never quotes `ref`: a client's text goes back to no one."""
+        row = await tx.one("SELECT * FROM assistants WHERE owner IN (?, ?) AND (id = ? OR name = ?) "
+                           "ORDER BY id = ? DESC, owner = ? ASC LIMIT 1", SHARED, sub, ref, ref, ref, SHARED)
         if row is None:
-            raise NotFound(f"unknown assistant: {ref!r}")
-        return Assistant.from_row(row)
+            raise NotFound("assistant not found")
+        return row
 
     async def list_assistants(self, sub: str, page: Page) -> Listing:
         async with self.db.reading() as tx:
             # The caller's own and the shared ones, less a shared one the caller's own namesake hides.
             usable = "(owner = ? OR owner = ? AND name NOT IN (SELECT name FROM assistants WHERE owner = ?))"
-            listing = await self._page(tx, "assistants", usable, (sub, SHARED, sub), ("n",), "asc", page)
+            listing = await self._page(tx, "assistants", usable, (sub, SHARED, sub), ("n",), "asc", page,
+                                       "LENGTH(instructions)")
         listing.data = [Assistant.from_row(row) for row in listing.data]
         return listing
 
     async def delete_assistant(self, sub: str, ref: str) -> None:
+        """The caller's own; a shared one is 404 to them, as anyone else's is."""
         async with self.db.transaction() as tx:
-            deleted = await tx.run("DELETE FROM assistants WHERE owner = ? AND (id = ? OR name = ?)", sub, ref, ref)
-        if not deleted:
-            raise NotFound(f"unknown assistant: {ref!r}")
+            row = await self._resolve_assistant(tx, sub, ref)
+            if row["owner"] != sub:
+                raise NotFound("assistant not found")
+            await tx.run("DELETE FROM assistants WHERE id = ?", row["id"])
 
     # ------------------------------------------------------------ threads
 
@@ -612,6 +656,20 @@ class Store:
         IMMEDIATE already serializes every writer)."""
         await tx.run("INSERT INTO users (sub, seen_at) VALUES (?, ?) "
                      "ON CONFLICT (sub) DO UPDATE SET seen_at = excluded.seen_at", sub, time.time())
+
+    async def _spend_message_allowance(self, tx: Cursor, sub: str, now: float) -> None:
+        """A message rate per user, as a generic cell rate: each message moves the user's `messages_due` one
+        interval on, and one that would put it over `message_burst` intervals ahead of now is refused. One
+        column of the user's row, under the user's lock: it holds across processes and hosts."""
+        interval = 60 / self.limits.messages_per_minute
+        allowance = self.limits.message_burst * interval
+        await self._lock_user(tx, sub)
+        row = await tx.row("SELECT messages_due FROM users WHERE sub = ?", sub)
+        due = max(row["messages_due"], now) + interval
+        if due - now > allowance + 1e-6:  # the sums of intervals are floats
+            raise LimitReached(f"at most {self.limits.messages_per_minute} messages a minute per user",
+                               retry_after=math.ceil(due - now - allowance))
+        await tx.run("UPDATE users SET messages_due = ? WHERE sub = ?", due, sub)
 
     async def _room_for_one_more(self, tx: Cursor, owner: str, table: str, limit: int) -> None:
         """Whether `owner` may own one more row of `table` (assistants, threads), under the user's lock."""
@@ -647,7 +705,8 @@ class Store:
         source = "threads t JOIN thread_access a ON a.thread_id = t.id"
         async with self.db.reading() as tx:
             listing = await self._page(tx, f"(SELECT t.* FROM {source} WHERE a.sub = ?) mine", "1 = 1", (sub,),
-                                       ("updated_at", "n"), "desc", page)
+                                       ("updated_at", "n"), "desc", page,
+                                       "LENGTH(members) + COALESCE(LENGTH(title), 0)")
         listing.data = [Thread.from_row(row) for row in listing.data]
         return listing
 
@@ -684,7 +743,8 @@ class Store:
 
     async def list_messages(self, thread_id: str, page: Page) -> Listing:
         async with self.db.reading() as tx:
-            listing = await self._page(tx, "messages", "thread_id = ?", (thread_id,), ("n",), "asc", page)
+            listing = await self._page(tx, "messages", "thread_id = ?", (thread_id,), ("n",), "asc", page,
+                                       "LENGTH(content)")
         listing.data = [message_json(row) for row in listing.data]
         return listing
 
@@ -697,8 +757,9 @@ class Store:
     # ------------------------------------------------------------ runs
 
     async def submit(self, thread_id: str, sub: str, content: str | None,
-                     assistants: list[Assistant]) -> Submission:
-        """Store the message (if any) and queue a run per assistant, in one transaction, within the limits."""
+                     assistants: list[Assistant], rounds: int = 1) -> Submission:
+        """Store the message (if any) and queue a run per assistant, `rounds` times over, in one transaction,
+        within the limits (which count every run)."""
         now = time.time()
         message = None
         async with self.db.transaction() as tx:
@@ -716,23 +777,28 @@ class Store:
                     "SELECT (SELECT COUNT(*) FROM runs WHERE thread_id = ? AND status = 'queued') AS waiting, "
                     "(SELECT COUNT(*) FROM runs WHERE requested_by = ? AND status IN ('queued', 'active')) AS mine",
                     thread_id, sub)
-                if counts["waiting"] + len(assistants) > self.limits.waiting_runs_per_thread:
+                if counts["waiting"] + len(assistants) * rounds > self.limits.waiting_runs_per_thread:
                     raise LimitReached("too many runs are waiting on this thread", retry_after=1)
-                if counts["mine"] + len(assistants) > self.limits.runs_per_user:
+                if counts["mine"] + len(assistants) * rounds > self.limits.runs_per_user:
                     raise LimitReached(f"at most {self.limits.runs_per_user} runs per user may wait or run at once",
                                        retry_after=2)
             if content is not None:
+                await self._spend_message_allowance(tx, sub, now)
                 row = await tx.row("INSERT INTO messages (id, thread_id, role, content, author, cancelled, created_at) "
                                    "VALUES (?, ?, 'user', ?, ?, FALSE, ?) RETURNING *",
                                    new_id("msg"), thread_id, content, sub, int(now))
                 message = message_json(row)
-            runs = []
-            for assistant in assistants:
-                row = await tx.row(
-                    "INSERT INTO runs (id, thread_id, message_id, requested_by, assistant_id, assistant_name, status, "
-                    "attempts, created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?) RETURNING *",
-                    new_id("run"), thread_id, message and message["id"], sub, assistant.id, assistant.name, int(now))
-                runs.append(Run.from_row(row))
+            runs: list[Run] = []
+            for round_number in range(1, rounds + 1):
+                for assistant in assistants:
+                    run_id = new_id("run")
+                    row = await tx.row(
+                        "INSERT INTO runs (id, thread_id, message_id, requested_by, assistant_id, assistant_name, "
+                        "status, attempts, created_at, submission_id, submission_round) "
+                        "VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?) RETURNING *",
+                        run_id, thread_id, message and message["id"], sub, assistant.id, assistant.name, int(now),
+                        runs[0].id if runs else run_id, round_number)
+                    runs.append(Run.from_row(row))
         return Submission(thread_id, message, tuple(runs))
 
     async def runs(self, run_ids: list[str]) -> list[Run]:
@@ -828,7 +894,8 @@ class Store:
 
     async def request_cancel(self, thread_id: str, run_id: str, by: str) -> Run:
         """Ask for the run to stop: a queued run is cancelled here and now, an active one is marked for its
-        runner. NotFound for a run not on the thread; Conflict once it has ended."""
+        runner; the rounds still to come of the same request are cancelled with it (`rounds_dropped`).
+        NotFound for a run not on the thread; Conflict once it has ended."""
         async with self.db.transaction() as tx:
             row = await tx.one("SELECT * FROM runs WHERE id = ? AND thread_id = ?", run_id, thread_id)
             if row is None:
@@ -840,8 +907,13 @@ class Store:
                              by, time.time(), run_id)
             elif row["cancelled_by"] is None:
                 await tx.run("UPDATE runs SET cancelled_by = ? WHERE id = ?", by, run_id)
+            dropped = await tx.all("UPDATE runs SET status = 'cancelled', cancelled_by = ?, ended_at = ? "
+                                   "WHERE thread_id = ? AND submission_id = ? AND submission_round > ? "
+                                   "AND status = 'queued' RETURNING id, n", by, time.time(), thread_id,
+                                   row["submission_id"], row["submission_round"])
             row = await tx.row("SELECT * FROM runs WHERE id = ?", run_id)
-        return Run.from_row(row)
+        in_order = sorted(dropped, key=lambda run: run["n"])
+        return replace(Run.from_row(row), rounds_dropped=tuple(run["id"] for run in in_order))
 
     async def threads_waiting_for_a_runner(self, limit: int = 100) -> list[str]:
         """Threads with pending runs that no live process is running: new, or left by one that stopped."""

@@ -19,6 +19,7 @@ import time
 
 import jwt
 import pytest
+from starlette.routing import Mount
 from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from api import MAX_ASSISTANTS_PER_RUN, MAX_CONTENT_CHARS, MAX_MEMBERS, MAX_NAME_CHARS
@@ -39,7 +40,8 @@ from offline_model import FAULTS_AFTER_TEXT
 
 SETTINGS = JWTSettings(secret=TEST_SECRET)  # the secret of conftest's `auth` fixture
 MISSING_THREAD = "thread_" + "0" * 24  # well formed, but no such thread
-PUBLIC_ROUTES = {"GET /health", "GET /", "GET /openapi.json"}  # the contract's; the others need a token
+PUBLIC_ROUTES = {"GET /health", "GET /ready", "GET /metrics", "GET /", "GET /openapi.json", "GET /docs",
+                 "GET /docs/*"}  # the contract's; the others need a token
 SSE = {"Accept": "text/event-stream"}
 
 
@@ -205,7 +207,8 @@ PROTECTED = {  # every route but the public ones -> the JSON body a valid reques
     "GET /threads/{thread}": None, "PATCH /threads/{thread}": {"title": "taken"}, "DELETE /threads/{thread}": None,
     "GET /threads/{thread}/messages": None, "POST /threads/{thread}/messages": {"content": "hi"},
     "POST /threads/{thread}/runs": None, "POST /threads/{thread}/runs/{run}/cancel": None,
-    "GET /threads/{thread}/events": None, "WS /threads/{thread}/ws": None, "GET /tools": None,
+    "GET /threads/{thread}/events": None, "GET /threads/{thread}/presence": None, "WS /threads/{thread}/ws": None,
+    "GET /tools": None,
     "POST /threads/{thread}/runs/{run}/tool_outputs": {"outputs": [{"call_id": "call_1", "output": "x"}]},
 }
 
@@ -228,6 +231,9 @@ def test_the_token_matrix_covers_every_route_of_the_app(client):
     for route in client.app.routes:
         path = route.path.replace("{thread_id}", "{thread}").replace("{run_id}", "{run}").replace(
             "{assistant}", "assistant")
+        if isinstance(route, Mount):  # a folder of files
+            routes.add(f"GET {path}/*")
+            continue
         routes |= {f"{method} {path}" for method in (getattr(route, "methods", None) or {"WS"}) - {"HEAD"}}
     assert routes - PUBLIC_ROUTES == set(PROTECTED)
 
@@ -358,6 +364,33 @@ def test_only_ones_own_assistant_can_be_deleted(client, auth):
     for ref in ("precious", theirs["id"]):
         assert_error(client.delete(f"/assistants/{ref}", headers=auth("deleter")), 404)
     assert client.get("/assistants/precious", headers=auth("keeper")).json() == theirs
+
+
+def test_an_id_means_its_assistant_and_a_name_the_callers_own_to_get_delete_and_runs_alike(client, auth):
+    shared = client.get("/assistants/assistant", headers=auth("namesake")).json()
+    decoy = create_assistant(client, auth, "namesake", shared["id"], instructions="Named like the shared one's id.")
+    assert client.get(f"/assistants/{shared['id']}", headers=auth("namesake")).json() == shared
+    thread = new_thread(client, auth, "namesake")
+    answer = post_message(client, auth, thread["id"], "namesake", content="who?", assistant=shared["id"])
+    [reply] = answer.json()["replies"]
+    assert reply["assistant"]["id"] == shared["id"]
+    # The same reference, deleted: the shared assistant, which no user may delete; the decoy stays.
+    assert_error(client.delete(f"/assistants/{shared['id']}", headers=auth("namesake")), 404)
+    assert client.get(f"/assistants/{decoy['id']}", headers=auth("namesake")).json() == decoy
+    assert client.delete(f"/assistants/{decoy['id']}", headers=auth("namesake")).status_code == 204
+    assert client.get(f"/assistants/{shared['id']}", headers=auth("namesake")).json() == shared
+
+
+@pytest.mark.parametrize("ref", ["nobody", "<img src=x onerror=alert(1)>", "asst_" + "0" * 24, "x" * 120])
+def test_a_404_for_an_assistant_never_quotes_the_reference(client, auth, ref):
+    thread = new_thread(client, auth, "quoter")
+    for response in (client.get(f"/assistants/{ref}", headers=auth("quoter")),
+                     client.delete(f"/assistants/{ref}", headers=auth("quoter")),
+                     post_message(client, auth, thread["id"], "quoter", content="hi", assistant=ref),
+                     client.post(f"/threads/{thread['id']}/runs", json={"assistants": ["assistant", ref]},
+                                 headers=auth("quoter"))):
+        assert assert_error(response, 404) == "assistant not found"
+        assert ref not in response.text
 
 
 def test_a_user_may_own_only_so_many_assistants(make_app, auth):
@@ -684,8 +717,8 @@ def untouched(client) -> str:
 
 
 @pytest.mark.parametrize(("body", "status_code", "words", "field"), [
-    ({"content": "hi", "assistant": "nobody"}, 404, ["nobody"], None),
-    ({"content": "hi", "assistants": ["assistant", "nobody"]}, 404, ["nobody"], None),
+    ({"content": "hi", "assistant": "nobody"}, 404, ["assistant not found"], None),
+    ({"content": "hi", "assistants": ["assistant", "nobody"]}, 404, ["assistant not found"], None),
     ({}, 400, ["required"], "content"),
     ({"content": ""}, 400, [], "content"),
     ({"content": " \n\t"}, 400, ["blank"], "content"),
@@ -749,6 +782,47 @@ def test_messages_list_oldest_first_in_pages(client, auth):
     assert listing(client, auth, path, order="desc") == {"data": stored[::-1], "has_more": False}
     assert listing(client, auth, path, order="desc", after=stored[3]["id"], limit=2) == {
         "data": [stored[2], stored[1]], "has_more": True}
+
+
+def test_a_page_of_long_messages_ends_at_a_mebibyte_of_content_with_has_more(make_app, auth, database_url):
+    """The attack: 2,368 messages of 32 KB, read back with limit=1000, was a 31 MB answer."""
+    long = "x" * MAX_CONTENT_CHARS
+    with TestClient(make_app(database_url=database_url)) as fresh:
+        thread = new_thread(fresh, auth)
+        stored = [post_message(fresh, auth, thread["id"], content=f"{n:02d}{long[2:]}", run=False).json()["message"]
+                  for n in range(40)]
+        path = f"/threads/{thread['id']}/messages"
+        # The page stops after the message that reaches 1 MiB: 33 of 32,000 characters.
+        response = fresh.get(path, params={"limit": 1000}, headers=auth("alice"))
+        assert len(response.content) < 1.1 * 1024 * 1024
+        assert response.json() == {"data": stored[:33], "has_more": True}
+        assert listing(fresh, auth, path, limit=1000, after=stored[32]["id"]) == {"data": stored[33:],
+                                                                                   "has_more": False}
+        assert listing(fresh, auth, path, limit=1000, order="desc") == {"data": stored[:6:-1], "has_more": True}
+        assert listing(fresh, auth, path, limit=1000, before=stored[39]["id"]) == {"data": stored[6:39],
+                                                                                    "has_more": True}
+        assert listing(fresh, auth, path, limit=7) == {"data": stored[:7], "has_more": True}  # the count still holds
+
+
+def test_a_page_always_holds_one_item_however_low_its_bound(make_app, auth, database_url):
+    with TestClient(make_app(database_url=database_url, max_page_chars=10)) as fresh:
+        thread = new_thread(fresh, auth, title="a title over the bound")
+        stored = [post_message(fresh, auth, thread["id"], content=f"message number {n}", run=False).json()["message"]
+                  for n in range(3)]
+        path, after, pages = f"/threads/{thread['id']}/messages", None, []
+        while True:
+            page = listing(fresh, auth, path, **({"after": after} if after else {}))
+            pages.append(page["data"])
+            if not page["has_more"]:
+                break
+            after = page["data"][-1]["id"]
+        assert pages == [[message] for message in stored]
+        own = create_assistant(fresh, auth, "alice", "wordy", instructions="Say a great deal.")
+        first = listing(fresh, auth, "/assistants")
+        assert first["has_more"] and len(first["data"]) == 1
+        assert listing(fresh, auth, "/assistants", after=first["data"][0]["id"]) == {"data": [own], "has_more": False}
+        second = new_thread(fresh, auth, title="another title")
+        assert listing(fresh, auth, "/threads") == {"data": [second], "has_more": True}
 
 
 # ---------------------------------------------------------------- upstream failures

@@ -347,6 +347,25 @@ async def shared(tmp_path_factory):
         yield service
 
 
+@pytest.mark.parametrize(("reached", "peer", "header", "signed_in"), [
+    ("127.0.0.1", "127.0.0.1", None, True),
+    ("[::1]", "::1", None, True),
+    # What a proxy-headers middleware leaves when it took the peer from X-Forwarded-For: the header is there.
+    ("127.0.0.1", "127.0.0.1", ("X-Forwarded-For", "127.0.0.1"), False),
+    ("127.0.0.1", "127.0.0.1", ("Forwarded", "for=127.0.0.1"), False),
+    # A peer that reached this machine on an address of its network: never from this machine alone.
+    ("192.0.2.10", "127.0.0.1", None, False),
+    ("127.0.0.1", "192.0.2.20", None, False),
+], ids=["loopback", "loopback v6", "x-forwarded-for", "forwarded", "reached from the network", "remote peer"])
+def test_demo_tokens_go_only_to_a_connection_between_two_loopback_addresses_with_no_proxy(
+        tmp_path, reached, peer, header, signed_in):
+    app = create_app(config_for(tmp_path))  # no JWT_SECRET_KEY: dev mode
+    with TestClient(app, base_url=f"http://{reached}", client=(peer, 50000)) as client:
+        page = client.get("/", headers=dict([header]) if header else {}).text
+    assert ('type="application/json">null</script>' not in page) is signed_in
+    assert ("eyJ" in page) is signed_in
+
+
 async def joined_socket(live, thread: str, headers: dict, query: str = ""):
     """A real socket on the thread, past its thread.joined (the `join` fixture keeps every socket it opens
     until the test ends: too many for the soak)."""

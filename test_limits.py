@@ -5,6 +5,8 @@ within RUN_BOUND (generous: the machine runs the rest of the suite too)."""
 
 import asyncio
 import base64
+import contextlib
+import json
 import os
 import re
 import socket
@@ -18,6 +20,7 @@ from websockets.exceptions import InvalidStatus
 
 from auth import JWTSettings
 from conftest import TEST_SECRET, ServerProcess, frames_until, next_frame
+from offline_model import OfflineModel, serve_on_loopback
 
 pytestmark = pytest.mark.anyio
 SETTINGS = JWTSettings(secret=TEST_SECRET)
@@ -319,3 +322,221 @@ async def test_a_socket_that_never_reads_is_closed_and_others_go_on(shared, thre
     await ws.close()
     stuck.close()
 
+
+
+# ---------------------------------------------------------------- long replies, stuck readers, trickled bodies
+
+LONG_DELTA = "x" * 999 + " "  # the offline model cuts a reply into deltas at spaces
+
+
+class LongReplies(OfflineModel):
+    """An upstream whose every reply is `deltas` deltas of 1,000 characters."""
+
+    def __init__(self, deltas: int, token_delay: float = 0):
+        super().__init__(token_delay=token_delay)
+        self.deltas = deltas
+
+    def reply_text(self, metadata: dict, seen: list[dict]) -> str:
+        return LONG_DELTA * self.deltas
+
+
+@contextlib.asynccontextmanager
+async def served_with_upstream(servers, upstream: OfflineModel):
+    async with serve_on_loopback(upstream.app) as url:
+        yield await servers(env={"OPENAI_BASE_URL": url + "/v1", "OPENAI_API_KEY": "upstream-key"})
+
+
+async def sse_until_run_ends(http, thread_id: str, sub: str, ready: asyncio.Event) -> list[dict]:
+    """A GET /threads/{id}/events listener's events, up to its first run's end or the stream's."""
+    events = []
+    async with http.stream("GET", f"/threads/{thread_id}/events", headers=bearer(sub)) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+                ready.set()
+                if events[-1]["type"] in ("run.completed", "run.failed", "run.cancelled"):
+                    break
+    return events
+
+
+def reply_of(frames: list[dict]) -> tuple[str, int, bool]:
+    """How the run ended, the length of its deltas joined, and whether they make its final message."""
+    end = frames[-1]
+    deltas = "".join(frame.get("delta", "") for frame in frames if frame["type"] == "text.delta")
+    return end["type"], len(deltas), end["message"]["content"] == deltas
+
+
+@pytest.mark.parametrize("ending", ["run.completed", "run.cancelled"])
+async def test_a_reply_longer_than_a_backlog_reaches_every_client_whole(servers, thread_of_alice, ending):
+    """600 deltas of 1,000 characters, or an endless reply cancelled past 700,000: a socket, an event
+    stream and the POST that asked for it each get the whole reply, and its end."""
+    upstream = LongReplies(600) if ending == "run.completed" else LongReplies(100_000, token_delay=0.002)
+    async with served_with_upstream(servers, upstream) as server:
+        thread_id = await thread_of_alice(server)
+        async with httpx2.AsyncClient(base_url=server.url, timeout=60) as http:
+            ws = await connect(f"{server.url.replace('http', 'ws', 1)}/threads/{thread_id}/ws",
+                               additional_headers=bearer("alice"), max_size=None, close_timeout=1)
+            await next_frame(ws)
+            listening = asyncio.Event()
+            sse = asyncio.create_task(sse_until_run_ends(http, thread_id, "alice", listening))
+            await asyncio.wait_for(listening.wait(), 10)
+            post = asyncio.create_task(http.post(f"/threads/{thread_id}/messages", json={"content": "a long one"},
+                                                 headers=bearer("alice")))
+            frames = [await next_frame(ws), await next_frame(ws)]  # message.created, run.started
+            streamed, cancelled = 0, False
+            while frames[-1]["type"] not in ("run.completed", "run.cancelled"):
+                frames.append(await next_frame(ws))
+                streamed += len(frames[-1].get("delta", ""))
+                if ending == "run.cancelled" and streamed >= 700_000 and not cancelled:
+                    cancel = await http.post(f"/threads/{thread_id}/runs/{frames[1]['run_id']}/cancel",
+                                             headers=bearer("alice"))
+                    assert cancel.status_code == 202
+                    cancelled = True
+            answer = await post
+            await ws.close()
+    length = 600_000 if ending == "run.completed" else len(frames[-1]["message"]["content"])
+    assert length >= 600_000
+    assert reply_of(frames[1:]) == (ending, length, True)
+    assert reply_of((await sse)[2:]) == (ending, length, True)  # after thread.joined, message.created
+    assert answer.status_code == 201, answer.text
+    assert [len(reply["content"]) for reply in answer.json()["replies"]] == [length]
+
+
+async def test_a_connection_answered_while_its_body_trickles_in_is_closed(shared):
+    """No token, a body of 100,000,000 bytes declared and a byte sent now and then: answered 401, then
+    closed, however long the client would go on."""
+    connections = [await raw_connection(shared) for _ in range(5)]
+
+    async def trickle(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"POST /threads HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000000\r\n\r\n{")
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await writer.drain()
+                await asyncio.sleep(0.5)
+                writer.write(b" ")
+
+    trickling = [asyncio.create_task(trickle(writer)) for _, writer in connections]
+    try:
+        started = time.monotonic()
+        for reader, _ in connections:
+            answer = await asyncio.wait_for(reader.read(), timeout=10)  # to the end: the server closed it
+            assert answer.startswith(b"HTTP/1.1 401"), answer
+        assert time.monotonic() - started < 5
+    finally:
+        for task in trickling:
+            task.cancel()
+        for _, writer in connections:
+            writer.close()
+
+
+async def test_out_of_file_descriptors_the_connections_waiting_are_closed_and_logged_once(servers):
+    server = await servers(env={"REQUEST_HEAD_TIMEOUT": "60"}, open_files=100)
+    started = time.monotonic()
+    connections = [await raw_connection(server) for _ in range(150)]  # the first ones stay, idle
+    ended = [asyncio.create_task(reader.read()) for reader, _ in connections]
+    await asyncio.wait(ended, timeout=5)
+    turned_away = sum(task.done() and task.result() == b"" for task in ended)
+    for task in ended:
+        task.cancel()
+    for _, writer in connections:
+        writer.close()
+
+    async def served() -> bool:  # again, once the server has seen some of them close (when, it alone knows)
+        with contextlib.suppress(httpx2.TransportError):
+            return (await http.get("/health")).status_code == 200
+        return False
+
+    async with httpx2.AsyncClient(base_url=server.url, timeout=10) as http:
+        deadline = time.monotonic() + 30
+        while not await served():
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            await asyncio.sleep(0.1)
+    log = server.log()
+    assert turned_away >= 30, log[-2000:]
+    reports = log.count("cannot accept connections: [Errno 24] Too many open files")
+    assert 1 <= reports <= 1 + (time.monotonic() - started) // 10, log[-2000:]  # once every 10 s, not per attempt
+    assert log.count("Too many open files") == reports
+    assert "Traceback" not in log
+
+
+def stuck_event_stream(server, thread_id: str, sub: str) -> socket.socket:
+    """GET /threads/{id}/events over a socket that is never read, its buffers kept small (see raw_websocket)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(f"GET /threads/{thread_id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 f"{SETTINGS.mint(sub)}\r\n\r\n".encode())
+    return sock
+
+
+def closed_by_the_server(sock: socket.socket) -> bool:
+    """Reads what is left; True once the server has ended the connection."""
+    sock.settimeout(10)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_an_event_stream_that_is_not_read_is_closed_and_gives_its_slot_back(servers, thread_of_alice):
+    server = await servers(env={"MAX_SOCKETS_PER_USER": "1", "WRITE_TIMEOUT_SECONDS": "1"})
+    thread_id = await thread_of_alice(server, "stuck")
+    stuck = await asyncio.to_thread(stuck_event_stream, server, thread_id, "stuck")
+    async with httpx2.AsyncClient(base_url=server.url, timeout=30) as http:
+
+        async def another_stream() -> int:
+            async with http.stream("GET", f"/threads/{thread_id}/events", headers=bearer("stuck")) as response:
+                return response.status_code
+
+        assert await another_stream() == 429  # the stuck one holds the user's one slot
+        started = time.monotonic()
+        for _ in range(40):  # some 1.3 MB of events that the stuck stream never reads
+            answer = await http.post(f"/threads/{thread_id}/messages", json={"content": "z" * 32_000, "run": False},
+                                     headers=bearer("stuck"))
+            assert answer.status_code == 201
+        while await another_stream() != 200:
+            assert time.monotonic() - started < 20, "the slot was not given back"
+            await asyncio.sleep(0.1)
+    assert await asyncio.to_thread(closed_by_the_server, stuck)
+    stuck.close()
+    assert "Traceback" not in server.log()
+
+
+async def test_one_user_cannot_store_messages_faster_than_the_message_rate(servers, thread_of_alice):
+    """The attack: one token posting messages of 32 KB as fast as it can (2,368 in 12 s, before). At the
+    default rate, 60 a minute after a burst of 10, the rest are refused with 429 and Retry-After, over REST
+    and over the socket alike; another user is served meanwhile."""
+    server = await servers({"MESSAGES_PER_MINUTE": "", "MESSAGE_BURST": ""})  # unset: the defaults
+    thread_id = await thread_of_alice(server, "flooder")
+    body = {"content": "f" * 32_000, "run": False}
+    async with httpx2.AsyncClient(base_url=server.url, timeout=30) as http, Bystander(server):
+        started = time.monotonic()
+        answers = await asyncio.gather(*(http.post(f"/threads/{thread_id}/messages", json=body,
+                                                   headers=bearer("flooder")) for _ in range(60)))
+        async with connect(f"{server.url.replace('http', 'ws', 1)}/threads/{thread_id}/ws",
+                           additional_headers=bearer("flooder")) as ws:
+            await next_frame(ws)
+            for _ in range(20):  # as many as the REST ones: whatever the second has given back is spent at once
+                await ws.send(json.dumps({"type": "message", "content": "and over the socket?"}))
+            refusal = await frames_until(ws, "error")
+        seconds = time.monotonic() - started
+        stored = (await http.get(f"/threads/{thread_id}/messages", params={"limit": 1000},
+                                 headers=bearer("flooder"))).json()["data"]
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) == {201, 429}
+    assert 10 <= statuses.count(201) <= 10 + seconds + 1  # the burst, then one a second
+    assert sum(message["content"] == body["content"] for message in stored) == statuses.count(201)
+    for answer in answers:
+        if answer.status_code == 429:
+            assert "60 messages a minute" in answer.json()["detail"]
+            assert 1 <= int(answer.headers["retry-after"]) <= 60
+    error = refusal[-1]["error"]
+    assert error["code"] == "limit_reached"
+    assert 1 <= error["retry_after"] <= 60

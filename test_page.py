@@ -3,7 +3,8 @@ it (`python serve.py`; dev mode, no JWT_SECRET_KEY, so the page offers alice and
 in with the demo buttons; a reply streamed token by token into two windows and ending as the stored
 one; a window opened mid-reply showing it from its start (thread.joined's active_run); Stop ending a
 run with the cancelled mark everywhere; a dropped socket resuming with ?after= without losing a token;
-assistants answering in the order picked; a removed member, a deleted thread and an expired token
+assistants answering in the order picked, and in rounds; who is here, live, and "bob is typing…"; each
+message's time; a removed member, a deleted thread and an expired token
 (close codes 4403, 4404, 4401) sending their windows back to the list or to sign in.
 
 One server and three windows for the module (alice, bob, and a second tab of alice's); each test
@@ -29,7 +30,7 @@ try:
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 except ImportError:  # reported by the fixture: skipped on a laptop, failed under CI
     webdriver = None
 
@@ -191,6 +192,10 @@ def watch(drivers, done, skip=()) -> list[list[dict]]:
     return seen
 
 
+def present(driver) -> list[str]:
+    return [person.text for person in driver.find_elements(By.CSS_SELECTOR, "#present .person")]
+
+
 def notice(driver) -> str:
     return driver.find_element(By.ID, "notice").text
 
@@ -212,7 +217,8 @@ def test_a_reply_streams_token_by_token_into_both_windows_and_ends_as_the_stored
     thread_id = new_thread(demo.alice, "bob", "Friday's release")
     assert demo.alice.find_element(By.ID, "thread-title").text == "Friday's release"
     open_thread(demo.bob, thread_id)
-    assert demo.bob.find_element(By.ID, "clients").text == "2 connected"
+    assert present(demo.bob) == ["alice", "bob (you)"]
+    wait(demo.alice, lambda: present(demo.alice) == ["alice (you)", "bob"])  # live: bob came after alice
     assert not demo.bob.find_element(By.ID, "members-form").is_displayed()  # owner only
 
     demo.alice.find_element(By.ID, "content").send_keys(CONTENT)
@@ -250,7 +256,7 @@ def test_a_window_opened_mid_reply_shows_it_from_its_start_and_stop_marks_it_can
     caught_up = wait(demo.alice2, lambda: last_reply(demo.alice2))
     assert caught_up["writing"]
     assert caught_up["text"].startswith(before["text"])  # from its start, though it opened later
-    assert demo.alice2.find_element(By.ID, "clients").text == "3 connected"
+    assert present(demo.alice2) == ["alice (you)", "bob"]
     reply_longer_than(demo.alice2, len(caught_up["text"]))  # and goes on
 
     assert demo.alice.find_element(By.ID, "stop").is_displayed()
@@ -304,6 +310,34 @@ def test_assistants_answer_in_the_order_picked(demo):
                    and not any(reply["writing"] for reply in shown) and shown)
     assert [reply["who"] for reply in replies] == ["poet", "assistant"]
     assert all(reply["text"].startswith("[offline model]") for reply in replies)
+
+
+def test_who_is_here_shows_live_and_typing_shows_in_the_other_windows(demo):
+    thread_id = new_thread(demo.alice, "bob")
+    assert present(demo.alice) == ["alice (you)"]
+    open_thread(demo.bob, thread_id)
+    wait(demo.alice, lambda: present(demo.alice) == ["alice (you)", "bob"])
+
+    demo.bob.find_element(By.ID, "content").send_keys("I think we")  # typed, key by key
+    wait(demo.alice, lambda: demo.alice.find_element(By.ID, "typing").text == "bob is typing…")
+    assert demo.bob.find_element(By.ID, "typing").text == ""  # not to the one typing
+    demo.bob.find_element(By.ID, "send").click()
+    wait(demo.alice, lambda: demo.alice.find_element(By.ID, "typing").text == "")  # the message came instead
+    shown = demo.alice.find_element(By.CSS_SELECTOR, "#messages li.user time")
+    assert shown.get_attribute("datetime") and shown.text  # each message says when
+
+    demo.bob.find_element(By.ID, "sign-out").click()
+    wait(demo.alice, lambda: present(demo.alice) == ["alice (you)"])
+
+
+def test_assistants_answer_in_rounds_chosen_next_to_the_picker(demo):
+    new_thread(demo.alice)
+    Select(demo.alice.find_element(By.ID, "rounds")).select_by_visible_text("2")
+    send(demo.alice, "Two rounds, please")
+    replies = wait(demo.alice, lambda: (shown := demo.alice.execute_script(ALL_REPLIES)) and len(shown) == 2
+                   and not any(reply["writing"] for reply in shown) and shown)
+    assert replies[1]["text"].endswith("(2 messages in its context)")  # the second saw the first
+    Select(demo.alice.find_element(By.ID, "rounds")).select_by_visible_text("1")
 
 
 def test_a_removed_member_and_a_deleted_thread_send_their_windows_back_to_the_list(demo):
@@ -371,7 +405,7 @@ def test_tool_calls_show_in_the_conversation_and_any_member_answers_a_client_too
         reply = wait(driver, lambda d=driver: (shown := last_reply(d)) and not shown["writing"] and shown)
         assert 'lookup returned "in the mail"' in reply["text"]
         shown = driver.execute_script(TOOL_CALLS)
-        assert [call["output"] for call in shown][0] == "→ in the mail" and not shown[0]["form"]
+        assert shown[0]["output"] == "→ in the mail" and not shown[0]["form"]
     # Reloaded, the calls come from the store, before the reply.
     demo.alice.refresh()
     wait(demo.alice, lambda: connected(demo.alice) and len(demo.alice.execute_script(TOOL_CALLS)) == 2)

@@ -2,16 +2,24 @@
 every check in it passes, on a fresh server and again on the same server; its requests reach every HTTP
 route of the app; the environment file carries no token.
 
-newman is found through $NEWMAN, then PATH, then .ci/tools/node_modules/.bin/newman, where CI installs it
-(`npm install --prefix .ci/tools --no-audit --no-fund newman@6`; the folder is git-ignored). Without it the
-newman tests skip, except under CI, where they fail.
+Then the OpenAPI document as a Postman user imports it: Postman's own converter (openapi-to-postmanv2, with
+the import options "parameters generated from examples" and optional parameters off) makes a collection of
+/openapi.json; with only `baseUrl` and `bearerToken` set, newman sends every request as generated, and every
+one that needs no id from an earlier answer succeeds.
+
+newman and the converter are found through $NEWMAN / $OPENAPI2POSTMANV2, then PATH, then
+.ci/tools/node_modules/.bin, where CI installs them (`npm install --prefix .ci/tools newman@6
+openapi-to-postmanv2@6`; the folder is git-ignored). Without them those tests skip, except under CI, where they
+fail.
 """
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
+import httpx2
 import pytest
 from starlette.routing import Route
 
@@ -21,16 +29,28 @@ from main import create_app
 
 COLLECTION = REPO / "postman" / "gainz.postman_collection.json"
 ENVIRONMENT = REPO / "postman" / "gainz.postman_environment.json"
-LOCAL_NEWMAN = REPO / ".ci" / "tools" / "node_modules" / ".bin" / "newman"
+LOCAL_TOOLS = REPO / ".ci" / "tools" / "node_modules" / ".bin"
 NEWMAN_SECONDS = 300
+# Postman's import dialog: "Parameter generation: Example", "Enable optional parameters: off".
+IMPORT_OPTIONS = "parametersResolution=Example,enableOptionalParameters=false"
+# The imported requests that need an id from an earlier answer: the example ids name no thread or run (404).
+NEED_AN_ID = {("GET", "/threads/{thread_id}"), ("PATCH", "/threads/{thread_id}"), ("DELETE", "/threads/{thread_id}"),
+              ("GET", "/threads/{thread_id}/messages"), ("POST", "/threads/{thread_id}/messages"),
+              ("POST", "/threads/{thread_id}/runs"), ("POST", "/threads/{thread_id}/runs/{run_id}/cancel"),
+              ("GET", "/threads/{thread_id}/events"), ("GET", "/threads/{thread_id}/presence"),
+              ("POST", "/threads/{thread_id}/runs/{run_id}/tool_outputs")}
 
 pytestmark = pytest.mark.anyio
 
 
+def node_tool(name: str) -> str | None:
+    if os.environ.get(name.upper()):
+        return os.environ[name.upper()]
+    return tool(name) or (str(LOCAL_TOOLS / name) if (LOCAL_TOOLS / name).exists() else None)
+
+
 def newman() -> str | None:
-    if os.environ.get("NEWMAN"):
-        return os.environ["NEWMAN"]
-    return tool("newman") or (str(LOCAL_NEWMAN) if LOCAL_NEWMAN.exists() else None)
+    return node_tool("newman")
 
 
 @pytest.fixture
@@ -53,9 +73,14 @@ def route_of(routes: list[Route], method: str, path: str) -> tuple[str, str] | N
 def run_newman(url: str, report: Path) -> dict:
     """One run of the whole collection; the JSON report, with the CLI output to explain a failure."""
     jwt = JWTSettings(secret=TEST_SECRET)
-    command = [newman(), "run", str(COLLECTION), "-e", str(ENVIRONMENT), "--env-var", f"base_url={url}",
-               "--env-var", f"token_alice={jwt.mint('alice')}", "--env-var", f"token_bob={jwt.mint('bob')}",
-               "--reporters", "cli,json", "--reporter-json-export", str(report), "--color", "off"]
+    return newman_report([str(COLLECTION), "-e", str(ENVIRONMENT), "--env-var", f"base_url={url}",
+                          "--env-var", f"token_alice={jwt.mint('alice')}", "--env-var", f"token_bob={jwt.mint('bob')}"],
+                         report)
+
+
+def newman_report(arguments: list[str], report: Path) -> dict:
+    command = [newman(), "run", *arguments, "--reporters", "cli,json", "--reporter-json-export", str(report),
+               "--color", "off"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=NEWMAN_SECONDS, cwd=REPO)
     assert report.exists(), f"newman wrote no report (exit {finished.returncode}):\n{finished.stdout}{finished.stderr}"
     result = json.loads(report.read_text())
@@ -97,6 +122,36 @@ async def test_the_collection_passes_on_a_fresh_server_then_again_on_the_same_on
     second = run_newman(server.url, tmp_path / "second.json")  # the names made by the first run exist no more
     assert_passed(second)
     assert second["run"]["stats"]["assertions"]["total"] == first["run"]["stats"]["assertions"]["total"]
+
+
+async def test_the_openapi_document_imported_as_postman_does_sends_every_request_that_needs_no_id(servers, routes,
+                                                                                                 tmp_path):
+    converter = node_tool("openapi2postmanv2")
+    require(converter is not None, "openapi-to-postmanv2 (npm install openapi-to-postmanv2)")
+    require(newman() is not None, "newman (npm install newman)")
+    server = await servers()
+    document, imported = tmp_path / "openapi.json", tmp_path / "imported.postman_collection.json"
+    async with httpx2.AsyncClient() as http:
+        document.write_bytes((await http.get(server.url + "/openapi.json")).content)
+    subprocess.run([converter, "-s", str(document), "-o", str(imported), "-O", IMPORT_OPTIONS], check=True,
+                   capture_output=True, timeout=NEWMAN_SECONDS, cwd=tmp_path)
+    collection = json.loads(imported.read_text())
+    # The document names its server (the one asked), and an example for every id and body: nothing to fill in.
+    assert {variable["key"]: variable["value"] for variable in collection["variable"]} == {"baseUrl": server.url}
+    generated = [item["request"] for item in requests_of(collection["item"])]
+    assert not [request for request in generated if re.search(r'<\w+>|"string"|\bstring\b', json.dumps(
+        [request["url"].get("variable"), request["url"].get("query"), request.get("body")]))]
+    token = JWTSettings(secret=TEST_SECRET).mint("alice")
+    result = newman_report([str(imported), "--env-var", f"baseUrl={server.url}", "--env-var", f"bearerToken={token}"],
+                           tmp_path / "imported.json")
+    answers = {}
+    for execution in result["run"]["executions"]:
+        method, path = execution["request"]["method"], "/" + "/".join(execution["request"]["url"]["path"])
+        answers[route_of(routes, method, path) or (method, path)] = execution["response"]["code"]
+    assert set(answers) == route_set(routes), result["cli"]
+    assert {route: code for route, code in answers.items() if route not in NEED_AN_ID and code >= 400} == {}, \
+        result["cli"]
+    assert {route: code for route, code in answers.items() if route in NEED_AN_ID} == dict.fromkeys(NEED_AN_ID, 404)
 
 
 # ---------------------------------------------------------------- the files themselves (no newman needed)

@@ -94,7 +94,8 @@ async def test_threads_messages_assistants_and_tokens_survive_a_restart(servers,
 
 
 async def test_a_run_cut_off_by_kill_9_runs_again_at_the_next_start_and_ends_exactly_once(servers, tmp_path, http):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/gainz.db", "OFFLINE_TOKEN_DELAY": "0.05"}
+    # A short lease: the next start waits for the dead process's lease to run out before it takes the run.
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/gainz.db", "OFFLINE_TOKEN_DELAY": "0.05", "RUN_LEASE_SECONDS": "3"}
     first = await servers(env)
     thread_id = (await http.post(f"{first.url}/threads", headers=bearer("alice"))).json()["id"]
     ws, _ = await socket_on(first, thread_id, bearer("alice"))
@@ -141,6 +142,46 @@ async def test_sigterm_lets_the_active_run_finish_and_leaves_queued_ones_for_the
 async def replies_count(http, server, thread_id, count):
     replies = [m for m in await messages(http, server, thread_id, bearer("alice")) if m["role"] == "assistant"]
     return replies if len(replies) >= count else None
+
+
+# ---------------------------------------------------------------- start-up
+
+NO_DEMO_TOKENS = '<script id="demo-tokens" type="application/json">null</script>'
+
+
+async def test_demo_sign_in_is_for_a_browser_on_this_machine_never_through_forwarded_headers(servers, tmp_path,
+                                                                                             http):
+    """uvicorn with --forwarded-allow-ips '*' takes the client's address from X-Forwarded-For: anyone
+    could claim to be 127.0.0.1. Demo tokens go only to a request that names no forwarded client."""
+    dev = await servers({"JWT_SECRET_KEY": "", "DATABASE_URL": f"sqlite:///{tmp_path}/dev.db"},
+                        args=("--forwarded-allow-ips", "*"))
+    direct = (await http.get(f"{dev.url}/")).text
+    tokens = json.loads(re.search(r'<script id="demo-tokens" type="application/json">(.*?)</script>', direct)[1])
+    signed_in = await http.get(f"{dev.url}/threads", headers={"Authorization": f"Bearer {tokens['alice']}"})
+    assert signed_in.status_code == 200
+    for forwarded in ({"X-Forwarded-For": "127.0.0.1"}, {"X-Forwarded-For": "203.0.113.7, 127.0.0.1"},
+                      {"Forwarded": "for=127.0.0.1"}, {"X-Real-IP": "::1"}):
+        page = await http.get(f"{dev.url}/", headers=forwarded)
+        assert page.status_code == 200
+        assert NO_DEMO_TOKENS in page.text, forwarded
+        assert "eyJ" not in page.text
+    assert len(re.findall(r"Demo sign-in is on", dev.log())) == 1
+    secured = await servers({"DATABASE_URL": f"sqlite:///{tmp_path}/secured.db"}, args=("--forwarded-allow-ips", "*"))
+    assert NO_DEMO_TOKENS in (await http.get(f"{secured.url}/")).text
+    assert len(re.findall(r"Demo sign-in is off: JWT_SECRET_KEY is set", secured.log())) == 1
+
+
+async def test_postgresql_unreachable_at_start_is_one_line_at_once(servers):
+    port = free_port()  # nothing listens there
+    started = asyncio.get_running_loop().time()
+    server = await servers({"DATABASE_URL": f"postgresql://postgres:secret@127.0.0.1:{port}/test"}, wait=False)
+    assert await asyncio.to_thread(server.process.wait, 60) == 3
+    assert asyncio.get_running_loop().time() - started < 9  # the pool would have tried for 10 s
+    log = server.log()
+    assert "Traceback" not in log
+    [line] = [line for line in log.splitlines() if "PostgreSQL" in line]
+    assert "unreachable" in line and "Connection refused" in line and str(port) in line
+    assert "secret" not in log
 
 
 # ---------------------------------------------------------------- several processes
@@ -257,6 +298,25 @@ def seen(frames: list[dict]) -> tuple[list, dict]:
             assert texts[frame["run_id"]] == frame["message"]["content"]
     return [(frame["type"], frame["seq"]) for frame in frames if frame["type"] != "text.delta"], texts
 
+
+
+async def test_the_message_rate_holds_across_processes(servers, postgres_url, redis_url, http):
+    # One a minute after a burst of five: no message is given back while the test runs.
+    env = shared_env(postgres_url, redis_url, MESSAGES_PER_MINUTE=1, MESSAGE_BURST=5)
+    one, two = await servers(env), await servers(env)
+    thread_id = (await http.post(f"{one.url}/threads", headers=bearer("flooder"))).json()["id"]
+    answers = await asyncio.gather(*(http.post(f"{server.url}/threads/{thread_id}/messages",
+                                               json={"content": "again", "run": False}, headers=bearer("flooder"))
+                                     for server in (one, two) * 10))
+    statuses = [answer.status_code for answer in answers]
+    assert statuses.count(201) == 5  # each process alone would have let five in
+    assert statuses.count(429) == 15
+    assert all(int(answer.headers["retry-after"]) >= 1 for answer in answers if answer.status_code == 429)
+    assert len(await messages(http, one, thread_id, bearer("flooder"))) == 5
+    # The rate is the flooder's alone.
+    theirs = (await http.post(f"{two.url}/threads", headers=bearer("bystander"))).json()["id"]
+    assert (await http.post(f"{two.url}/threads/{theirs}/messages", json={"content": "me", "run": False},
+                            headers=bearer("bystander"))).status_code == 201
 
 
 async def test_three_workers_on_sqlite_count_sockets_and_limits_service_wide(servers, tmp_path, redis_url, http):
