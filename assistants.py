@@ -319,7 +319,12 @@ def function_call(item: Any, calls: dict[str, dict]) -> None:
         return unreadable("response.output_item.done", "function_call", item)
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments if arguments is not None else {})
-    calls.setdefault(call_id, {"call_id": call_id, "name": clean_text(name), "arguments": clean_text(arguments)})
+    calls.setdefault(call_id, {"call_id": call_id, "name": stored_text(name), "arguments": stored_text(arguments)})
+
+
+def stored_text(text: str) -> str:
+    """Upstream text as every database can store it: no lone surrogate, no NUL."""
+    return clean_text(text).replace("\x00", "\ufffd")
 
 
 class Engine:

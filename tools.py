@@ -72,7 +72,7 @@ async def call_server_tool(name: str, arguments: str, seconds: float) -> str:
     except Exception as error:  # the tool's own failure is the model's to read, not the run's end
         return f"error: {type(error).__name__}: {error}"
     output = result if isinstance(result, str) else json.dumps(result, default=str)
-    return output[:MAX_OUTPUT_CHARS]
+    return output[:MAX_OUTPUT_CHARS].replace("\x00", "\ufffd")  # PostgreSQL stores no NUL
 
 
 # ---------------------------------------------------------------- the tools
