@@ -6,18 +6,23 @@ JSON parser refuses invalid UTF-8, lone surrogate escapes and absurd nesting by 
 models, with the resources', give the OpenAPI document its schemas (see `openapi.py`).
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+from jsonschema import Draft202012Validator, SchemaError
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     TypeAdapter,
     ValidationError,
     model_validator,
 )
+
+from tools import SERVER_TOOLS
 
 MAX_CONTENT_CHARS = 32_000
 MAX_NAME_CHARS = 64
@@ -28,6 +33,10 @@ MAX_SUB_CHARS = 256
 MAX_MEMBERS = 10
 MAX_ASSISTANTS_PER_RUN = 8
 MAX_LIST_LIMIT = 1000
+MAX_TOOLS = 32
+MAX_TOOL_DESCRIPTION_CHARS = 1024
+MAX_TOOL_OUTPUTS = 32
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # what OpenAI accepts as a function's name
 
 
 NUL_REFUSED = "must not contain NUL (\\u0000)"
@@ -74,10 +83,61 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def known_server_tool(name: str) -> str:
+    if name not in SERVER_TOOLS:
+        raise ValueError(f"unknown server tool {name!r} (GET /tools lists them)")
+    return name
+
+
+def object_schema(parameters: dict) -> dict:
+    """A JSON Schema for a function's arguments: valid, and of an object, as a model's function call is."""
+    try:
+        Draft202012Validator.check_schema(parameters)
+    except SchemaError as error:
+        raise ValueError(f"not a valid JSON Schema: {error.message}") from None
+    if parameters.get("type") != "object":
+        raise ValueError('must be a JSON Schema with "type": "object"')
+    return parameters
+
+
+class ClientTool(Body):
+    """A function the thread's clients run: the run waits for one of them to post its output."""
+
+    type: Literal["function"]
+    name: Annotated[str, StringConstraints(pattern=TOOL_NAME), Field(description="letters, digits, _ and -")]
+    description: Annotated[str, Field(max_length=MAX_TOOL_DESCRIPTION_CHARS), AfterValidator(no_nul)] | None = None
+    parameters: Annotated[dict[str, Any], AfterValidator(object_schema),
+                          Field(description='a JSON Schema with "type": "object"')] | None = None
+
+
+TOOL_TAGS = ("server", "client")
+
+
+def tool_kind(tool: Any) -> str:
+    return "server" if isinstance(tool, str) else "client"
+
+
+Tool = Annotated[
+    Annotated[str, AfterValidator(known_server_tool), Field(description="a server tool's name"), Tag("server")]
+    | Annotated[ClientTool, Tag("client")], Discriminator(tool_kind)]
+
+
+def distinct_tool_names(tools: list) -> list:
+    names = [tool if isinstance(tool, str) else tool.name for tool in tools]
+    if duplicated := next((name for name in names if names.count(name) > 1), None):
+        raise ValueError(f"two tools named {duplicated!r}")
+    return tools
+
+
 class NewAssistant(Body):
     name: Name
     model: Model | None = None
     instructions: Instructions = ""
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS, description="server tool names and client tools"),
+                     AfterValidator(distinct_tool_names)] = []
+
+    def tool_list(self) -> list:
+        return [tool if isinstance(tool, str) else tool.model_dump(exclude_none=True) for tool in self.tools]
 
 
 class NewThread(Body):
@@ -130,8 +190,34 @@ class CancelFrame(Body):
     run_id: Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(no_nul)]
 
 
-Frame: TypeAdapter[MessageFrame | RunFrame | CancelFrame | TypingFrame] = TypeAdapter(
-    Annotated[MessageFrame | RunFrame | CancelFrame | TypingFrame, Field(discriminator="type")])
+class ToolOutput(Body):
+    call_id: Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(no_nul)]
+    output: Annotated[str, Field(max_length=MAX_CONTENT_CHARS, description="what the model reads"),
+                      AfterValidator(no_nul)]
+
+
+def one_output_per_call(outputs: list[ToolOutput]) -> list[ToolOutput]:
+    call_ids = [output.call_id for output in outputs]
+    if duplicated := next((call_id for call_id in call_ids if call_ids.count(call_id) > 1), None):
+        raise ValueError(f"two outputs for call {duplicated!r}")
+    return outputs
+
+
+class ToolOutputs(Body):
+    outputs: Annotated[list[ToolOutput], Field(min_length=1, max_length=MAX_TOOL_OUTPUTS),
+                       AfterValidator(one_output_per_call)]
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(output.call_id, output.output) for output in self.outputs]
+
+
+class ToolOutputsFrame(ToolOutputs):
+    type: Literal["tool_outputs"]
+    run_id: Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(no_nul)]
+
+
+Frame: TypeAdapter[MessageFrame | RunFrame | CancelFrame | TypingFrame | ToolOutputsFrame] = TypeAdapter(
+    Annotated[MessageFrame | RunFrame | CancelFrame | TypingFrame | ToolOutputsFrame, Field(discriminator="type")])
 
 
 class ListQuery(BaseModel):
@@ -150,8 +236,8 @@ MESSAGES = {
     "json_invalid": "malformed JSON",
     "model_type": "must be a JSON object",
     "model_attributes_type": "must be a JSON object",
-    "union_tag_not_found": 'required: "message", "run", "cancel" or "typing"',
-    "union_tag_invalid": 'must be "message", "run", "cancel" or "typing"',
+    "union_tag_not_found": 'required: "message", "run", "cancel", "typing" or "tool_outputs"',
+    "union_tag_invalid": 'must be "message", "run", "cancel", "typing" or "tool_outputs"',
 }
 
 
@@ -160,6 +246,7 @@ def describe(error: ValidationError, tagged: bool = False) -> str:
     union (a frame), the first step of the location is the tag, not a field."""
     first = error.errors(include_url=False, include_input=False)[0]
     location = first["loc"][1:] if tagged and len(first["loc"]) > 1 else first["loc"]
+    location = tuple(part for part in location if part not in TOOL_TAGS)  # a tool's kind is no field
     where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
     message = MESSAGES.get(first["type"], first["msg"].removeprefix("Value error, "))
     if first["type"] == "json_invalid":
@@ -200,6 +287,7 @@ class Assistant(Answer):
     instructions: str
     owner: str | None = Field(description="the user who created it; null for a shared assistant")
     created_at: int
+    tools: list[str | ClientTool] = Field(description="server tool names and client tools")
 
 
 class Thread(Answer):
@@ -211,10 +299,17 @@ class Thread(Answer):
     updated_at: int = Field(description="the time of its last message")
 
 
+class ToolCall(Answer):
+    call_id: str
+    name: str
+    arguments: str = Field(description="JSON text, as the model wrote it")
+    runs_on: Literal["server", "client"]
+
+
 class Message(Answer):
     id: str
     thread_id: str
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "tool"]
     content: str
     created_at: int
     author: str | None = Field(None, description="user messages: who wrote it")
@@ -222,6 +317,8 @@ class Message(Answer):
     run_id: str | None = Field(None, description="replies: the run that wrote it")
     cancelled: bool | None = Field(None, description="true on a reply cut short by a cancel")
     failed: bool | None = Field(None, description="true on a reply cut short by an upstream failure")
+    tool_call: ToolCall | None = Field(None, description="tool messages: the call; `content` is its output")
+    pending: bool | None = Field(None, description="true on a tool call still waiting for its output (content empty)")
 
 
 class RunError(Answer):
@@ -267,3 +364,19 @@ class Present(Answer):
 class PresenceList(Answer):
     data: list[Present] = Field(description="everyone connected to the thread now, service-wide")
     has_more: bool
+
+
+class ServerToolOut(Answer):
+    name: str
+    description: str
+    parameters: dict[str, Any] = Field(description="a JSON Schema of the arguments")
+
+
+class ToolList(Answer):
+    data: list[ServerToolOut]
+    has_more: bool
+
+
+class ToolOutputsAccepted(Answer):
+    run_id: str
+    messages: list[Message] = Field(description="the tool messages, each with its output now")

@@ -9,6 +9,7 @@ the thread's lease in the store) runs them, in arrival order.
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import re
@@ -22,7 +23,8 @@ import openai
 from openai._models import construct_type
 from openai.types.responses import ResponseStreamEvent
 
-from store import Assistant, LeaseLost, Run, Store, Submission
+from store import Assistant, Conflict, LeaseLost, Run, Store, Submission
+from tools import call_server_tool, tool_spec
 
 log = logging.getLogger("gainz")
 
@@ -31,6 +33,7 @@ ATTRIBUTION_NOTE = (
     "with their user id in brackets, like [alice]. A reply from another assistant starts with its name, "
     "like [assistant poet]. Your own earlier replies carry no label; never add one to your reply.")
 HISTORY_MESSAGES = 1000  # read at most this many of the latest messages; the context budget cuts further
+TOOL_POLL_SECONDS = 2.0  # a run waiting for tool outputs also asks the store this often, in case a signal was lost
 
 
 class UpstreamError(Exception):
@@ -226,6 +229,10 @@ class RunEventHandler:
 
     async def on_run_cancelled(self, thread_id: str, run_id: str, by: str, message: dict | None) -> None: ...
 
+    async def on_tool_called(self, thread_id: str, run_id: str, call: dict) -> None: ...
+
+    async def on_tool_result(self, thread_id: str, run_id: str, call_id: str, output: str) -> None: ...
+
 
 class ThreadEvents(RunEventHandler):
     """Turns the hooks into the service's event frames and publishes each one on its thread."""
@@ -255,6 +262,13 @@ class ThreadEvents(RunEventHandler):
         self.publish(thread_id, {"type": "run.cancelled", "thread_id": thread_id, "run_id": run_id, "by": by,
                                  "message": message})
 
+    async def on_tool_called(self, thread_id, run_id, call):
+        self.publish(thread_id, {"type": "tool.called", "thread_id": thread_id, "run_id": run_id} | call)
+
+    async def on_tool_result(self, thread_id, run_id, call_id, output):
+        self.publish(thread_id, {"type": "tool.result", "thread_id": thread_id, "run_id": run_id, "call_id": call_id,
+                                 "output": output})
+
 
 def input_item(message: dict, assistant: Assistant) -> dict:
     """A stored message as the assistant is to read it: who wrote it is in the text, since a Responses
@@ -267,9 +281,56 @@ def input_item(message: dict, assistant: Assistant) -> dict:
             "content": f"[assistant {message['assistant']['name']}] {message['content']}"}
 
 
+def input_items(message: dict, assistant: Assistant) -> list[dict]:
+    """A stored message as input items: a tool call of the assistant's own is its call and its output; another
+    assistant's is text (the functions are not this one's to call); a call never answered is left out (a
+    model refuses a call without its output)."""
+    call = message.get("tool_call")
+    if call is None:
+        return [input_item(message, assistant)]
+    if message.get("pending"):
+        return []
+    if message["assistant"]["id"] == assistant.id:
+        return [{"type": "function_call", "call_id": call["call_id"], "name": call["name"],
+                 "arguments": call["arguments"]},
+                {"type": "function_call_output", "call_id": call["call_id"], "output": message["content"]}]
+    return [{"type": "message", "role": "user", "content": f"[assistant {message['assistant']['name']} called "
+             f"{call['name']}({call['arguments']}), which returned] {message['content']}"}]
+
+
+def item_chars(item: dict) -> int:
+    return sum(len(item.get(name) or "") for name in ("content", "arguments", "output"))
+
+
+def total_usage(usage: dict | None, more: dict | None) -> dict | None:
+    """The usage of two responses of one run (several when it calls tools)."""
+    if usage is None or more is None:
+        return usage or more
+    return {name: None if usage[name] is None and more[name] is None else (usage[name] or 0) + (more[name] or 0)
+            for name in usage}
+
+
+def function_call(item: Any, calls: dict[str, dict]) -> None:
+    """A function call of the response's output, if `item` is one, into `calls` (by call id)."""
+    if getattr(item, "type", None) != "function_call":
+        return
+    call_id, name, arguments = (getattr(item, field, None) for field in ("call_id", "name", "arguments"))
+    if not isinstance(call_id, str) or not call_id or not isinstance(name, str) or not name:
+        return unreadable("response.output_item.done", "function_call", item)
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments if arguments is not None else {})
+    calls.setdefault(call_id, {"call_id": call_id, "name": stored_text(name), "arguments": stored_text(arguments)})
+
+
+def stored_text(text: str) -> str:
+    """Upstream text as every database can store it: no lone surrogate, no NUL."""
+    return clean_text(text).replace("\x00", "\ufffd")
+
+
 class Engine:
     def __init__(self, client: openai.AsyncOpenAI, store: Store, events: RunEventHandler, runner_id: str,
-                 context_chars: int = 60_000, lease_seconds: float = 10.0, max_attempts: int = 3):
+                 context_chars: int = 60_000, lease_seconds: float = 10.0, max_attempts: int = 3,
+                 tool_rounds: int = 8, tool_timeout: float = 600.0, tool_call_seconds: float = 10.0):
         self.client = client
         self.store = store
         self.events = events
@@ -277,6 +338,10 @@ class Engine:
         self.context_chars = context_chars
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.tool_rounds = tool_rounds
+        self.tool_timeout = tool_timeout
+        self.tool_call_seconds = tool_call_seconds
+        self._waiting_for_outputs: dict[str, asyncio.Event] = {}  # run id -> set when outputs may have come
         self._draining: dict[str, asyncio.Task] = {}
         self._kicked_again: set[str] = set()
         self._streams: dict[str, asyncio.Task] = {}  # run id -> the task reading its upstream stream
@@ -327,6 +392,20 @@ class Engine:
         if stream is not None and run_id not in self._cancelled_by:
             self._cancelled_by[run_id] = by
             stream.cancel()
+
+    async def answer_tool_calls(self, thread_id: str, run_id: str, outputs: list[tuple[str, str]]) -> list[dict]:
+        """Store client tools' outputs (the first answer to a call wins) and tell the thread. The process running
+        the run must hear of it (see `outputs_arrived`); it also looks in the store now and then."""
+        answered = await self.store.answer_tool_calls(thread_id, run_id, outputs)
+        for message in answered:
+            await self.events.on_tool_result(thread_id, run_id, message["tool_call"]["call_id"], message["content"])
+        return answered
+
+    def outputs_arrived(self, run_id: str) -> None:
+        """Tool outputs were stored for a run this process may be running: look at them now."""
+        arrived = self._waiting_for_outputs.get(run_id)
+        if arrived is not None:
+            arrived.set()
 
     def forget_thread(self, thread_id: str) -> None:
         """The thread was deleted: stop running it here, upstream included; nothing more is stored."""
@@ -433,16 +512,79 @@ class Engine:
         """The thread's latest messages, oldest first, as many as fit the context budget."""
         items, budget = list[dict](), self.context_chars
         for message in await self.store.recent_messages(thread_id, HISTORY_MESSAGES):
-            item = input_item(message, assistant)
-            budget -= len(item["content"])
+            more = input_items(message, assistant)  # a call and its output go together, or not at all
+            budget -= sum(map(item_chars, more))
             if items and budget < 0:
                 break
-            items.append(item)
+            items.extend(reversed(more))
         return items[::-1]
 
     async def _stream(self, run: Run, assistant: Assistant, parts: list[str]) -> dict | None:
-        """Stream one reply, its deltas into `parts` and out as events; returns the usage, or raises
-        UpstreamError. Commentary (a message whose phase is not the final answer) is not the reply."""
+        """Stream the reply: while the model calls tools, get their outputs and ask it again with them, at most
+        `tool_rounds` times. Returns the usage of all its responses, or raises UpstreamError."""
+        tools = [spec for spec in map(tool_spec, assistant.tools) if spec is not None]
+        client_tools = {tool["name"] for tool in assistant.tools if isinstance(tool, dict)}
+        calls = await self.store.tool_calls(run.id)  # a run picked up again finds the calls it was waiting for
+        usage = None
+        for rounds in itertools.count():
+            if any(call.get("pending") for call in calls):
+                await self._tool_outputs(run, calls)
+            made: dict[str, dict] = {}
+            usage = total_usage(usage, await self._respond(run, assistant, tools, parts, made))
+            if not made:
+                return usage
+            if rounds >= self.tool_rounds:
+                raise UpstreamError("tool_rounds", f"the model called tools more than {self.tool_rounds} times over")
+            calls = await self.store.add_tool_calls(run, self.runner_id, [
+                call | {"runs_on": "client" if call["name"] in client_tools else "server"} for call in made.values()])
+            for call in calls:
+                await self.events.on_tool_called(run.thread_id, run.id, call["tool_call"])
+        raise AssertionError("unreachable")
+
+    async def _tool_outputs(self, run: Run, calls: list[dict]) -> None:
+        """Run the calls that run here; wait until someone, on any process, has answered the others."""
+        pending = [call["tool_call"] for call in calls if call.get("pending")]
+        await asyncio.gather(*(self._call_server_tool(run, call) for call in pending if call["runs_on"] == "server"))
+        if all(call["runs_on"] == "server" for call in pending):
+            return
+        arrived = self._waiting_for_outputs[run.id] = asyncio.Event()
+        try:
+            async with asyncio.timeout(self.tool_timeout):
+                while True:
+                    arrived.clear()
+                    if self._stopping:  # the run stays pending in the store, and waits again at the next start
+                        raise asyncio.CancelledError()
+                    if not any(call.get("pending") for call in await self.store.tool_calls(run.id)):
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(TOOL_POLL_SECONDS):
+                            await arrived.wait()
+        except TimeoutError:
+            await self._close_tool_calls(run, "error: no output came in time; the run has ended")
+            raise UpstreamError("tool_timeout", f"no output came for a tool call within {self.tool_timeout:g} s") \
+                from None
+        except asyncio.CancelledError:
+            if run.id in self._cancelled_by:
+                await self._close_tool_calls(run, "error: the run was cancelled")
+            raise
+        finally:
+            del self._waiting_for_outputs[run.id]
+
+    async def _call_server_tool(self, run: Run, call: dict) -> None:
+        output = clean_text(await call_server_tool(call["name"], call["arguments"], self.tool_call_seconds))
+        with contextlib.suppress(Conflict):  # answered before a restart: the first answer stands
+            await self.store.answer_tool_calls(run.thread_id, run.id, [(call["call_id"], output)], runs_on="server")
+            await self.events.on_tool_result(run.thread_id, run.id, call["call_id"], output)
+
+    async def _close_tool_calls(self, run: Run, output: str) -> None:
+        for call in await self.store.close_tool_calls(run.id, output):
+            await self.events.on_tool_result(run.thread_id, run.id, call["tool_call"]["call_id"], output)
+
+    async def _respond(self, run: Run, assistant: Assistant, tools: list[dict], parts: list[str],
+                       calls: dict[str, dict]) -> dict | None:
+        """Stream one response, its deltas into `parts` and out as events, its function calls into `calls`
+        (by call id); returns the usage, or raises UpstreamError. Commentary (a message whose phase is not
+        the final answer) is not the reply."""
         history = await self.history(run.thread_id, assistant)
         not_the_reply: set[str | None] = set()
         completed, usage = False, None
@@ -456,7 +598,7 @@ class Engine:
                 # `input` goes into the body as it is. The SDK would first walk each item against its typed
                 # definitions, to give back the same plain messages: 0.7 ms an item, measured, so 70 ms with the
                 # event loop held for a thread of 100 messages. test_fast_stream.py checks that it is the same.
-                extra_body={"input": history})
+                extra_body={"input": history} | ({"tools": tools} if tools else {}))
             async with contextlib.aclosing(events):
                 async for event in events:
                     kind = event.type
@@ -472,10 +614,14 @@ class Engine:
                         if getattr(item, "type", None) == "message" and getattr(item, "phase", None) not in (
                                 None, "final_answer"):
                             not_the_reply.add(getattr(item, "id", None))
+                    elif kind == "response.output_item.done":
+                        function_call(event.item, calls)
                     elif kind == "response.completed":
                         # Not a return: the body ends right after, and read to its end the connection goes back
                         # to the SDK's pool for the next run instead of being closed.
                         completed, usage = True, token_usage(getattr(event.response, "usage", None))
+                        for item in getattr(event.response, "output", None) or ():  # for servers that skip item.done
+                            function_call(item, calls)
                     elif kind in ("response.failed", "response.incomplete"):
                         error = getattr(event.response, "error", None)
                         code, message = getattr(error, "code", None), getattr(error, "message", None)
@@ -512,6 +658,8 @@ class Engine:
         self._stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for arrived in self._waiting_for_outputs.values():  # runs waiting for tool outputs stop waiting now
+            arrived.set()
         drains = list(self._draining.values())
         if drains:
             _, late = await asyncio.wait(drains, timeout=grace_seconds)

@@ -49,6 +49,8 @@ from api import (
     NewThread,
     RunRequest,
     ThreadChange,
+    ToolOutputs,
+    ToolOutputsFrame,
     TypingFrame,
     describe,
 )
@@ -71,6 +73,7 @@ from store import (
     Submission,
     database_for,
 )
+from tools import SERVER_TOOLS
 
 log = logging.getLogger("gainz")
 VERSION = "2.0.0"
@@ -128,6 +131,9 @@ class Config:
     resume_events: int = 2000
     resume_seconds: float = 300.0
     resume_log_events: int = 200_000
+    tool_rounds: int = 8
+    tool_timeout_seconds: float = 600.0
+    tool_call_seconds: float = 10.0
     environ: dict = field(default_factory=dict, repr=False)  # for the JWT settings, read at start-up
 
     def __post_init__(self):
@@ -138,10 +144,10 @@ class Config:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
         for name in ("openai_timeout_seconds", "run_lease_seconds", "resume_seconds", "body_timeout_seconds",
-                     "socket_slot_seconds"):
+                     "socket_slot_seconds", "tool_timeout_seconds", "tool_call_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.upper()} must be positive")
-        for name in ("openai_max_retries", "offline_token_delay", "shutdown_grace_seconds"):
+        for name in ("openai_max_retries", "offline_token_delay", "shutdown_grace_seconds", "tool_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.upper()} must not be negative")
         if self.context_chars < 32_000:
@@ -325,8 +331,14 @@ async def list_assistants(request: Request) -> JSONResponse:
 async def create_assistant(request: Request) -> JSONResponse:
     body = await parsed(request, NewAssistant)
     assistant, created = await state(request).store.create_or_load_assistant(
-        request.user.sub, body.name, body.model or state(request).config.openai_model, body.instructions)
+        request.user.sub, body.name, body.model or state(request).config.openai_model, body.instructions,
+        body.tool_list())
     return JSONResponse(assistant.as_json(), status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+async def list_tools(request: Request) -> JSONResponse:
+    """The server tools an assistant may be given by name."""
+    return JSONResponse({"data": [tool.as_json() for tool in SERVER_TOOLS.values()], "has_more": False})
 
 
 async def get_assistant(request: Request) -> JSONResponse:
@@ -545,6 +557,20 @@ async def cancel(app, thread_id: str, run_id: str, by: str):
     return run
 
 
+async def post_tool_outputs(request: Request) -> JSONResponse:
+    thread = await visible_thread(request)
+    body = await parsed(request, ToolOutputs)
+    run_id = path_param(request, "run_id")
+    answered = await answer_tool_calls(state(request), thread.id, run_id, body.pairs())
+    return JSONResponse({"run_id": run_id, "messages": answered})
+
+
+async def answer_tool_calls(app, thread_id: str, run_id: str, outputs: list[tuple[str, str]]) -> list[dict]:
+    answered = await app.engine.answer_tool_calls(thread_id, run_id, outputs)
+    app.broker.signal({"kind": "tool_outputs", "run_id": run_id})  # to whichever process runs the run
+    return answered
+
+
 # ---------------------------------------------------------------- WebSocket
 
 async def thread_socket(websocket: WebSocket) -> None:
@@ -605,6 +631,8 @@ async def read_frames(websocket: WebSocket, connection: Connection, thread_id: s
                 await app.hub.typing(connection)
             elif isinstance(frame, CancelFrame):
                 await cancel(app, thread_id, frame.run_id, sub)
+            elif isinstance(frame, ToolOutputsFrame):
+                await answer_tool_calls(app, thread_id, frame.run_id, frame.pairs())
             else:
                 content = frame.content if isinstance(frame, MessageFrame) else None
                 run = not isinstance(frame, MessageFrame) or frame.run
@@ -784,12 +812,16 @@ async def lifespan(app: Starlette):
 
         hub = Hub(broker)
         engine = Engine(client, store, MeasuredEvents(broker.publish, app.state.metrics), broker.process_id,
-                        context_chars=config.context_chars, lease_seconds=config.run_lease_seconds)
+                        context_chars=config.context_chars, lease_seconds=config.run_lease_seconds,
+                        tool_rounds=config.tool_rounds, tool_timeout=config.tool_timeout_seconds,
+                        tool_call_seconds=config.tool_call_seconds)
 
         def on_signal(message: dict) -> None:
             kind = message.get("kind")
             if kind == "cancel":
                 engine.stop_run(message["run_id"], message["by"])
+            elif kind == "tool_outputs":
+                engine.outputs_arrived(message["run_id"])
             elif kind == "thread.deleted":
                 hub.close_thread(message["thread_id"], WS_THREAD_DELETED)
                 engine.forget_thread(message["thread_id"])
@@ -841,6 +873,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
             Route("/openapi.json", openapi_document, methods=["GET"]),
             Route("/docs", docs_page, methods=["GET"]),
             Mount("/docs", StaticFiles(directory=swagger_ui_path), name="docs_assets"),
+            Route("/tools", list_tools, methods=["GET"]),
             Route("/assistants", list_assistants, methods=["GET"]),
             Route("/assistants", create_assistant, methods=["POST"]),
             Route("/assistants/{assistant}", get_assistant, methods=["GET"]),
@@ -854,6 +887,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
             Route("/threads/{thread_id}/messages", post_message, methods=["POST"]),
             Route("/threads/{thread_id}/runs", start_runs, methods=["POST"]),
             Route("/threads/{thread_id}/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+            Route("/threads/{thread_id}/runs/{run_id}/tool_outputs", post_tool_outputs, methods=["POST"]),
             Route("/threads/{thread_id}/events", thread_events, methods=["GET"]),
             Route("/threads/{thread_id}/presence", thread_presence, methods=["GET"]),
             WebSocketRoute("/threads/{thread_id}/ws", thread_socket),

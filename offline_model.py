@@ -5,6 +5,11 @@ and the tests run the very code they would run against OpenAI, with no key and n
 nothing between calls, like a Responses server called with `store: false`. Replies are
 deterministic and labelled as offline. Tests make it misbehave through `OfflineModel.fail_next`, a
 Python call: nothing in the service's own API can reach it.
+
+Tools: when the request offers functions, `call <name>` in the latest user message, optionally followed
+by a JSON object of arguments, makes it call that function (several such phrases: parallel calls in one
+response). Once the outputs come back (`function_call_output` items after that message), it answers
+with text that quotes each one.
 """
 
 import asyncio
@@ -42,6 +47,7 @@ FAULTS = (
 )
 FAULTS_AFTER_TEXT = ("response_failed", "incomplete", "error_event", "flat_error_event", "disconnect", "malformed")
 RECEIVED_KEPT = 100
+CALL_PHRASE = re.compile(r"\bcall\s+([A-Za-z0-9_-]{1,64})")
 
 
 class WireJSONResponse(JSONResponse):
@@ -80,6 +86,29 @@ def input_items(raw_input) -> list[dict]:
     return [item for item in raw_input or () if isinstance(item, dict)]
 
 
+def requested_calls(text: str, names: set[str]) -> list[tuple[str, str]]:
+    """The `call <name> {json}?` phrases of a text that name one of `names`: (name, arguments as JSON text)."""
+    calls = []
+    for match in CALL_PHRASE.finditer(text):
+        if match.group(1) not in names:
+            continue
+        arguments: object = {}
+        rest = text[match.end():].lstrip()
+        if rest.startswith("{"):
+            with contextlib.suppress(ValueError):
+                arguments = json.JSONDecoder().raw_decode(rest)[0]
+        calls.append((match.group(1), json.dumps(arguments if isinstance(arguments, dict) else {})))
+    return calls
+
+
+def function_tools(raw_tools) -> list[dict]:
+    """The request's function tools, as a response echoes them."""
+    return [{"type": "function", "name": tool["name"], "description": tool.get("description"),
+             "parameters": tool.get("parameters"), "strict": tool.get("strict")}
+            for tool in raw_tools or () if isinstance(tool, dict) and tool.get("type") == "function"
+            and isinstance(tool.get("name"), str)]
+
+
 class OfflineModel:
     def __init__(self, token_delay: float = 0.02):
         self.token_delay = token_delay
@@ -104,6 +133,14 @@ class OfflineModel:
         count = f"{len(seen)} message" if len(seen) == 1 else f"{len(seen)} messages"
         return f"[offline model] {name} heard: {heard} ({count} in its context)"
 
+    @staticmethod
+    def outputs_text(metadata: dict, seen: list[dict], outputs: list[dict]) -> str:
+        name = metadata.get("assistant_name") or "assistant"
+        called = {item.get("call_id"): item.get("name") for item in seen if item.get("type") == "function_call"}
+        quoted = "; ".join(f"{called.get(item.get('call_id'), 'a tool')} returned {json.dumps(item.get('output'))}"
+                           for item in outputs)
+        return f"[offline model] {name} got the tool outputs: {quoted}"
+
     async def create_response(self, request: Request):
         try:
             body = json.loads(await request.body() or b"{}")
@@ -126,18 +163,28 @@ class OfflineModel:
             await asyncio.Event().wait()
         self.responses_started += 1
         seen = input_items(body.get("input"))
-        reply = self.reply_text(body.get("metadata") or {}, seen)
+        tools = function_tools(body.get("tools"))
+        # What the latest user message asked for: the tools' outputs, once they are in, else the calls, if any.
+        last_user = max((index for index, item in enumerate(seen) if item.get("role") == "user"), default=-1)
+        outputs = [item for item in seen[last_user + 1:] if item.get("type") == "function_call_output"]
+        calls = [] if outputs or last_user < 0 else requested_calls(item_text(seen[last_user]),
+                                                                   {tool["name"] for tool in tools})
+        metadata = body.get("metadata") or {}
+        reply = self.outputs_text(metadata, seen, outputs) if outputs else self.reply_text(metadata, seen)
         response = {
             "id": new_id("resp"), "object": "response", "created_at": time.time(), "model": body["model"],
-            "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "status": "in_progress",
+            "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": tools, "status": "in_progress",
             "instructions": body.get("instructions"), "metadata": body.get("metadata") or {}, "error": None,
             "incomplete_details": None, "usage": None, "store": bool(body.get("store", True)),
             "temperature": 1.0, "top_p": 1.0,
         }
-        usage = self._usage(seen, reply)
+        usage = self._usage(seen, "".join(arguments for _, arguments in calls) if calls else reply)
         if not body.get("stream"):
-            message = self._message(new_id("msg"), reply, "output_text", "completed")
-            return WireJSONResponse(response | {"status": "completed", "output": [message], "usage": usage})
+            output = ([self._function_call(new_id("fc"), name, arguments, "completed") for name, arguments in calls]
+                      or [self._message(new_id("msg"), reply, "output_text", "completed")])
+            return WireJSONResponse(response | {"status": "completed", "output": output, "usage": usage})
+        if calls:
+            return StreamingResponse(self._stream_calls(response, calls, usage), media_type="text/event-stream")
         return StreamingResponse(self._stream(response, reply, usage, fault), media_type="text/event-stream")
 
     @staticmethod
@@ -156,6 +203,42 @@ class OfflineModel:
         if text is not None:
             item["content"] = [OfflineModel._part(part_type, text)]
         return item
+
+    @staticmethod
+    def _function_call(item_id: str, name: str, arguments: str, item_status: str, call_id: str | None = None) -> dict:
+        return {"id": item_id, "type": "function_call", "call_id": call_id or new_id("call"), "name": name,
+                "arguments": arguments, "status": item_status}
+
+    async def _stream_calls(self, response, calls, usage):
+        """A response that calls functions, as OpenAI streams it: each call item, its arguments in deltas."""
+        sequence = itertools.count()
+        self.streams_open += 1
+
+        def frame(event_type: str, **fields) -> str:
+            data = {"type": event_type, "sequence_number": next(sequence), **fields}
+            return f"event: {event_type}\ndata: {json.dumps(data)}\n\n"
+
+        try:
+            yield frame("response.created", response=response)
+            yield frame("response.in_progress", response=response)
+            output: list[dict] = []
+            for index, (name, arguments) in enumerate(calls):
+                item = self._function_call(new_id("fc"), name, "", "in_progress")
+                where = {"item_id": item["id"], "output_index": index}
+                yield frame("response.output_item.added", output_index=index, item=item)
+                half = len(arguments) // 2
+                for delta in filter(None, (arguments[:half], arguments[half:])):
+                    if self.token_delay:
+                        await asyncio.sleep(self.token_delay)
+                    yield frame("response.function_call_arguments.delta", **where, delta=delta)
+                yield frame("response.function_call_arguments.done", **where, name=name, arguments=arguments)
+                done = item | {"arguments": arguments, "status": "completed"}
+                output.append(done)
+                yield frame("response.output_item.done", output_index=index, item=done)
+            yield frame("response.completed", response=response | {"status": "completed", "output": output,
+                                                                   "usage": usage})
+        finally:
+            self.streams_open -= 1
 
     @staticmethod
     def _part(part_type: str, text: str) -> dict:

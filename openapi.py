@@ -32,6 +32,9 @@ from api import (
     Thread,
     ThreadChange,
     ThreadList,
+    ToolList,
+    ToolOutputs,
+    ToolOutputsAccepted,
     Turn,
 )
 
@@ -40,7 +43,7 @@ ERRORS = {
     401: "missing, expired or invalid token",
     403: "an owner-only action by a member",
     404: "unknown, or not the caller's to see",
-    409: "the run has already ended",
+    409: "the run has already ended, or the tool call has already been answered",
     413: "body over 256 KiB",
     429: "a limit reached (Retry-After says when to try again where waiting helps)",
     502: "the upstream refused or failed",
@@ -60,11 +63,12 @@ CONTENT_SCHEMAS = {"text/html": {"type": "string"}, "text/plain": {"type": "stri
 # parameters generated from examples) sends requests that work: those that need no earlier answer's id succeed.
 # The assistant created by the POST example is the one the {assistant} example reads, then deletes.
 BODY_EXAMPLES: dict[type[BaseModel], dict] = {
-    NewAssistant: {"name": "helper", "instructions": "Answer in one short paragraph."},
+    NewAssistant: {"name": "helper", "instructions": "Answer in one short paragraph.", "tools": ["current_time"]},
     NewThread: {"members": ["bob"], "title": "Trip planning"},
     ThreadChange: {"members": ["bob", "carol"], "title": "Trip planning, with carol"},
     NewMessage: {"content": "Where should we go in May?", "assistant": "assistant"},
     RunRequest: {"assistant": "assistant"},
+    ToolOutputs: {"outputs": [{"call_id": "call_3f9a1c7e5b2d4a60", "output": "Lisbon: 24 °C, sunny"}]},
 }
 PATH_EXAMPLES = {"assistant": "helper", "thread_id": "thread_5f1c0a9e2b7d4c83a6e19f20",
                  "run_id": "run_0c7e4b1a9d2f4e6a8b3c5d71"}
@@ -99,6 +103,7 @@ OPERATIONS = {
     ("GET", "/openapi.json"): Operation("This document", {200: None}, public=True, content_type="application/json"),
     ("GET", "/docs"): Operation("This document, to read and try in a browser", {200: None}, public=True,
                                 content_type="text/html"),
+    ("GET", "/tools"): Operation("The server tools an assistant may be given by name", {200: ToolList}),
     ("GET", "/assistants"): Operation("The assistants the caller may use (shared and own), oldest first",
                                       {200: AssistantList}, listing=True, errors=(400,)),
     ("POST", "/assistants"): Operation("Create the caller's assistant, or load it by name (never modified)",
@@ -125,6 +130,9 @@ OPERATIONS = {
         body_optional=True, streams=True, errors=RUNS),
     ("POST", "/threads/{thread_id}/runs/{run_id}/cancel"): Operation(
         "Stop a run; it ends in run.cancelled", {202: Cancelling}, errors=(404, 409)),
+    ("POST", "/threads/{thread_id}/runs/{run_id}/tool_outputs"): Operation(
+        "Answer a run's client tool calls (the first answer to a call wins); the run goes on once all are",
+        {200: ToolOutputsAccepted}, body=ToolOutputs, errors=(400, 404, 409, 413)),
     ("GET", "/threads/{thread_id}/presence"): Operation(
         "Who is connected to the thread now (sockets and event streams, service-wide)", {200: PresenceList},
         errors=(404,)),

@@ -208,6 +208,8 @@ PROTECTED = {  # every route but the public ones -> the JSON body a valid reques
     "GET /threads/{thread}/messages": None, "POST /threads/{thread}/messages": {"content": "hi"},
     "POST /threads/{thread}/runs": None, "POST /threads/{thread}/runs/{run}/cancel": None,
     "GET /threads/{thread}/events": None, "GET /threads/{thread}/presence": None, "WS /threads/{thread}/ws": None,
+    "GET /tools": None,
+    "POST /threads/{thread}/runs/{run}/tool_outputs": {"outputs": [{"call_id": "call_1", "output": "x"}]},
 }
 
 
@@ -289,7 +291,7 @@ def test_an_assistant_is_created_once_then_loaded_unchanged(client, auth):
     created = client.post("/assistants", json={"name": "coach", "instructions": "Be brief."}, headers=auth("alice"))
     assert created.status_code == 201
     coach = created.json()
-    assert set(coach) == {"id", "name", "model", "instructions", "owner", "created_at"}
+    assert set(coach) == {"id", "name", "model", "instructions", "owner", "created_at", "tools"}
     assert coach["name"] == "coach"
     assert coach["instructions"] == "Be brief."
     assert coach["owner"] == "alice"

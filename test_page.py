@@ -373,3 +373,43 @@ def test_an_expired_token_asks_to_sign_in_again(demo):
     wait(driver, lambda: driver.find_element(By.ID, "signin").is_displayed())  # closed with 4401
     assert notice(driver) == "Your token has expired: sign in again."
     assert driver.execute_script("return sessionStorage.getItem('token')") is None
+
+
+TOOL_CALLS = """
+return [...document.querySelectorAll('#messages li.tool')].map((item) => ({
+  who: item.querySelector('.who').textContent, arguments: item.querySelector('.text').textContent,
+  output: item.querySelector('.output') && item.querySelector('.output').textContent,
+  form: !!item.querySelector('form')}));
+"""
+
+
+def test_tool_calls_show_in_the_conversation_and_any_member_answers_a_client_tool(demo):
+    thread_id = new_thread(demo.alice, "bob")
+    demo.alice.execute_script("document.querySelector('#assistants details').open = true")  # maybe open already
+    demo.alice.find_element(By.ID, "assistant-name").send_keys("clerk")
+    demo.alice.find_element(By.ID, "assistant-tools").send_keys(
+        '["current_time", {"type": "function", "name": "lookup"}]')
+    demo.alice.find_element(By.CSS_SELECTOR, "#new-assistant button").click()
+    wait(demo.alice, lambda: "clerk" in demo.alice.find_element(By.ID, "assistant-picker").text)
+    open_thread(demo.bob, thread_id)
+
+    send(demo.alice, 'call lookup {"order": "7"} and call current_time')
+    calls = wait(demo.bob, lambda: (shown := demo.bob.execute_script(TOOL_CALLS)) and len(shown) == 2
+                 and shown[1]["output"] and shown[0]["form"] and shown)
+    assert calls[0]["who"].startswith("Tool call: lookup") and calls[0]["arguments"] == '{"order": "7"}'
+    assert calls[1]["who"] == "Tool call: current_time" and calls[1]["output"].startswith("→ 20")
+    demo.bob.find_element(By.CSS_SELECTOR, "#messages li.tool input").send_keys("in the mail")
+    demo.bob.find_element(By.CSS_SELECTOR, "#messages li.tool form button").click()
+
+    for driver in (demo.alice, demo.bob):
+        reply = wait(driver, lambda d=driver: (shown := last_reply(d)) and not shown["writing"] and shown)
+        assert 'lookup returned "in the mail"' in reply["text"]
+        shown = driver.execute_script(TOOL_CALLS)
+        assert shown[0]["output"] == "→ in the mail" and not shown[0]["form"]
+    # Reloaded, the calls come from the store, before the reply.
+    demo.alice.refresh()
+    wait(demo.alice, lambda: connected(demo.alice) and len(demo.alice.execute_script(TOOL_CALLS)) == 2)
+    kinds = demo.alice.execute_script(
+        "return [...document.querySelectorAll('#messages li')].map((item) => item.className)")
+    assert kinds == ["message user", "message tool", "message tool", "message assistant"]
+    assert stored_messages(demo, demo.alice, thread_id)[1]["content"] == "in the mail"

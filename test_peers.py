@@ -40,7 +40,9 @@ def anyio_backend():
 
 class EchoChatModel:
     """Streams back "echo: " and the last user message, a word a chunk; reports usage in a last chunk when
-    `stream_options.include_usage` asks. `received` keeps every request body."""
+    `stream_options.include_usage` asks. With tools offered, a last user message saying `call <name>` of one
+    of them is answered with a call of it instead (no arguments), and a last message that is a tool's output
+    with "echo: " and that output. `received` keeps every request body."""
 
     def __init__(self):
         self.received: list[dict] = []
@@ -48,7 +50,15 @@ class EchoChatModel:
 
     @staticmethod
     def reply_to(body: dict) -> str:
+        if body["messages"][-1]["role"] == "tool":
+            return "echo: " + text_of(body["messages"][-1])
         return "echo: " + text_of([m for m in body["messages"] if m["role"] == "user"][-1])
+
+    @staticmethod
+    def call_asked(body: dict) -> str | None:
+        last = body["messages"][-1]
+        names = [tool["function"]["name"] for tool in body.get("tools") or ()]
+        return next((name for name in names if last["role"] == "user" and f"call {name}" in text_of(last)), None)
 
     @staticmethod
     def usage_of(body: dict) -> dict:
@@ -70,6 +80,13 @@ class EchoChatModel:
             return [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
 
         async def stream():
+            if name := self.call_asked(body):  # as OpenAI streams a tool call: the call, then its arguments
+                call = {"index": 0, "id": "call_echo1", "type": "function", "function": {"name": name, "arguments": ""}}
+                yield chunk(choice({"role": "assistant", "content": None, "tool_calls": [call]}))
+                yield chunk(choice({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}))
+                yield chunk(choice({}, "tool_calls"))
+                yield "data: [DONE]\n\n"
+                return
             yield chunk(choice({"role": "assistant", "content": ""}))
             for index, word in enumerate(words):
                 yield chunk(choice({"content": word if index == 0 else f" {word}"}))
@@ -82,7 +99,7 @@ class EchoChatModel:
 
 
 def text_of(message: dict) -> str:
-    content = message["content"]
+    content = message.get("content") or ""  # an assistant's message of tool calls may have none
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
@@ -235,6 +252,31 @@ async def test_the_usage_the_proxy_reports_is_on_run_completed_and_stored_with_t
     assert completed["usage"] == {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
     (run,) = await service.state.store.runs([completed["run_id"]])
     assert run.usage == completed["usage"]
+
+
+async def test_a_client_tool_call_goes_through_the_proxy_and_its_output_comes_back(service, proxy, auth, join):
+    created = await service.http.post("/assistants", headers=auth("alice"), json={"name": "clerk", "tools": [
+        {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}]})
+    assert created.status_code == 201, created.text
+    thread_id = await service.new_thread(auth)
+    ws, _ = await join(service, thread_id, "alice")
+    await ws.send(json.dumps({"type": "message", "content": "please call lookup", "assistant": "clerk"}))
+    called = next(frame for frame in [await next_frame(ws) for _ in range(3)] if frame["type"] == "tool.called")
+    assert (called["name"], called["arguments"], called["runs_on"]) == ("lookup", "{}", "client")
+    assert proxy.model.received[-1]["tools"][0]["function"]["name"] == "lookup"
+    answered = await service.http.post(f"/threads/{thread_id}/runs/{called['run_id']}/tool_outputs",
+                                       json={"outputs": [{"call_id": called["call_id"], "output": "in stock"}]},
+                                       headers=auth("alice"))
+    assert answered.status_code == 200, answered.text
+    frames = await until_the_run_ends(ws)
+    assert frames[-1]["type"] == "run.completed", frames[-1]
+    assert frames[-1]["message"]["content"] == "echo: in stock"
+    # The proxy turned the call and its output into chat messages: the assistant's tool call, then the tool's.
+    call_message, output_message = proxy.model.received[-1]["messages"][-2:]
+    assert call_message["tool_calls"][0]["id"] == called["call_id"]
+    assert call_message["role"] == "assistant"
+    assert call_message["tool_calls"][0]["function"] == {"name": "lookup", "arguments": "{}"}
+    assert output_message == {"role": "tool", "tool_call_id": called["call_id"], "content": "in stock"}
 
 
 # ---------------------------------------------------------------- recorded streams of the other servers
