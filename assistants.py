@@ -330,11 +330,13 @@ def stored_text(text: str) -> str:
 class Engine:
     def __init__(self, client: openai.AsyncOpenAI, store: Store, events: RunEventHandler, runner_id: str,
                  context_chars: int = 60_000, lease_seconds: float = 10.0, max_attempts: int = 3,
-                 tool_rounds: int = 8, tool_timeout: float = 600.0, tool_call_seconds: float = 10.0):
+                 tool_rounds: int = 8, tool_timeout: float = 600.0, tool_call_seconds: float = 10.0,
+                 signal: Callable[[dict], None] = lambda message: None):
         self.client = client
         self.store = store
         self.events = events
         self.runner_id = runner_id
+        self.signal = signal  # to every process (this one included): see on_signal
         self.context_chars = context_chars
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
@@ -377,9 +379,12 @@ class Engine:
                 "failures": [stored_failure(run.error) for run in runs if run.error]}
 
     async def cancel(self, thread_id: str, run_id: str, by: str) -> Run:
-        """Stop a run: a queued one ends here; an active one is stopped by the process running it, which
-        `signal` must reach (see `stop_run`). NotFound / Conflict as the store says."""
+        """Stop a run: a queued one ends here; an active one is stopped by the process running it, which the
+        signal reaches (or its next lease renewal finds the request in the store). NotFound / Conflict as the
+        store says."""
         run = await self.store.request_cancel(thread_id, run_id, by)
+        if run.status == "active":
+            self.signal({"kind": "cancel", "run_id": run_id, "by": by})
         if run.status == "cancelled":
             await self.events.on_run_cancelled(thread_id, run_id, by, None)
         for dropped in run.rounds_dropped:  # the rounds still to come of the same request
@@ -397,9 +402,20 @@ class Engine:
         """Store client tools' outputs (the first answer to a call wins) and tell the thread. The process running
         the run must hear of it (see `outputs_arrived`); it also looks in the store now and then."""
         answered = await self.store.answer_tool_calls(thread_id, run_id, outputs)
+        self.signal({"kind": "tool_outputs", "run_id": run_id})  # to whichever process runs the run
         for message in answered:
             await self.events.on_tool_result(thread_id, run_id, message["tool_call"]["call_id"], message["content"])
         return answered
+
+    def on_signal(self, message: dict) -> None:
+        """A signal from any process (this one included); those of other kinds are the hub's."""
+        kind = message.get("kind")
+        if kind == "cancel":
+            self.stop_run(message["run_id"], message["by"])
+        elif kind == "tool_outputs":
+            self.outputs_arrived(message["run_id"])
+        elif kind == "thread.deleted":
+            self.forget_thread(message["thread_id"])
 
     def outputs_arrived(self, run_id: str) -> None:
         """Tool outputs were stored for a run this process may be running: look at them now."""

@@ -181,7 +181,7 @@ class JWTAuthMiddleware:
         try:
             if token is None:
                 raise TokenError("missing bearer token")
-            settings = self.settings or scope["app"].state.jwt
+            settings = self.settings or scope["state"]["jwt"]  # the lifespan's, when made at start-up
             scope["user"] = settings.verify(token)
         except TokenError as error:
             await self._deny(scope, receive, send, error.detail, token_given=token is not None)

@@ -152,9 +152,12 @@ class LiveService:
     def ws_url(self) -> str:
         return self.url.replace("http://", "ws://", 1)
 
+    lifespan_state: dict = dataclasses.field(default_factory=dict)
+
     @property
-    def state(self):
-        return self.app.state
+    def services(self):
+        """The services the app's lifespan built (main.Services)."""
+        return self.lifespan_state["services"]
 
     async def new_thread(self, auth, owner: str = "alice", members=(), **body) -> str:
         response = await self.http.post("/threads", json={"members": list(members)} | body, headers=auth(owner))
@@ -170,12 +173,30 @@ class LiveService:
         return f"{self.ws_url}/threads/{thread_id}/ws{query}"
 
 
+class LifespanState:
+    """The app, keeping the state its lifespan yields (the services) where a test can reach it."""
+
+    def __init__(self, app):
+        self.app, self.state = app, {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            self.state = scope["state"]
+        await self.app(scope, receive, send)
+
+
+def services_of(client: TestClient):
+    """The services the app's lifespan built (main.Services), under a TestClient."""
+    return client.app_state["services"]
+
+
 @contextlib.asynccontextmanager
 async def serve_live(app, **uvicorn_config):
     """The app under a real uvicorn on 127.0.0.1 (a free port), with an HTTP client pointed at it."""
-    async with serve_on_loopback(app, lifespan="on", **uvicorn_config) as url:
+    noted = LifespanState(app)
+    async with serve_on_loopback(noted, lifespan="on", **uvicorn_config) as url:
         async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
-            yield LiveService(app, url, http)
+            yield LiveService(app, url, http, noted.state)
 
 
 @pytest.fixture

@@ -24,6 +24,8 @@ from broker import TERMINAL, UNLOGGED, Broker, BrokerUnavailable, CatchUp, Event
 log = logging.getLogger("gainz")
 
 SLOW_CONSUMER_CLOSE_CODE = status.WS_1013_TRY_AGAIN_LATER
+WS_REMOVED_FROM_THREAD = 4403
+WS_THREAD_DELETED = 4404
 CLIENT_GONE = (WebSocketDisconnect, ClientDisconnected, OSError)  # a client that left mid-send: nothing to report
 MAX_BACKLOG_CHARS = 512 * 1024
 TYPING_SECONDS = 2.0  # at most one `typing` per user and thread this often, service-wide
@@ -293,6 +295,27 @@ class Hub:
     def drop(self, connection: Connection, code: int) -> None:
         connection.close(code)
         self._remove(connection)
+
+    # ------------------------------------------------------------ what changes a thread's membership, on every process
+
+    def thread_deleted(self, thread_id: str) -> None:
+        """Close the thread's listeners with 4404, on every process."""
+        self.broker.signal({"kind": "thread.deleted", "thread_id": thread_id})
+
+    def members_removed(self, thread_id: str, subs: set[str]) -> None:
+        """Close the listeners of members who lost the thread with 4403, on every process."""
+        if subs:
+            self.broker.signal({"kind": "members.removed", "thread_id": thread_id, "subs": sorted(subs)})
+
+    def on_signal(self, message: dict) -> None:
+        """A signal from any process (this one included); those of other kinds are the engine's."""
+        kind = message.get("kind")
+        if kind == "thread.deleted":
+            self.close_thread(message["thread_id"], WS_THREAD_DELETED)
+        elif kind == "members.removed":
+            self.close_thread(message["thread_id"], WS_REMOVED_FROM_THREAD, set(message["subs"]))
+        elif kind in ("presence", "typing"):
+            self.announce(message)
 
     def close_thread(self, thread_id: str, code: int, subs: set[str] | None = None) -> None:
         """Close the thread's listeners (only those of `subs`, if given) with `code`."""

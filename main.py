@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,8 +56,8 @@ from api import (
 )
 from assistants import Engine, ServiceStopping, UpstreamError, UpstreamRateLimited, UpstreamTimeout
 from auth import JWT_SECRET_SETTING, JWTAuthMiddleware, JWTSettings, User, demo_tokens_banner, generate_secret
-from broker import TERMINAL, UNLOGGED, BrokerUnavailable, ResumeWindow, broker_for
-from hub import Closed, Connection, Hub, TooManySockets
+from broker import TERMINAL, UNLOGGED, Broker, BrokerUnavailable, ResumeWindow, broker_for
+from hub import WS_THREAD_DELETED, Closed, Connection, Hub, TooManySockets
 from metrics import MeasuredEvents, Metrics
 from offline_model import OfflineModel, serve_on_loopback
 from store import (
@@ -79,7 +79,7 @@ log = logging.getLogger("gainz")
 VERSION = "2.0.0"
 Body = TypeVar("Body", bound=BaseModel)
 
-DEMO_PAGE = Path(__file__).resolve().parent / "demo.html"
+DEMO_PAGE = (Path(__file__).resolve().parent / "demo.html").read_text()
 DEMO_TOKENS_SLOT = '<script id="demo-tokens" type="application/json">null</script>'
 FORWARDING_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip", b"x-forwarded-host"})
 PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/"),
@@ -89,8 +89,6 @@ DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant."
 MAX_BODY_BYTES = 256 * 1024
 MAX_FRAME_CHARS = 64 * 1024
 WS_TOKEN_EXPIRED = 4401
-WS_REMOVED_FROM_THREAD = 4403
-WS_THREAD_DELETED = 4404
 SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent for long
 RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost
 RUN_POLL_SECONDS = 0.5  # ... and this often once it no longer hears the thread's events (or Redis was down)
@@ -200,7 +198,7 @@ async def read_body(request: Request) -> bytes:
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
     body = bytearray()
-    seconds = state(request).config.body_timeout_seconds
+    seconds = services(request).config.body_timeout_seconds
     try:
         async with asyncio.timeout(seconds):  # a body trickled in a byte at a time holds a connection
             async for chunk in request.stream():
@@ -239,15 +237,31 @@ def page_of(request: Request) -> Page:
     return Page(query.limit, query.after, query.before, query.order)
 
 
-def state(request: Request | WebSocket):
-    return request.app.state
+@dataclass
+class Services:
+    """What the lifespan builds, each in a step of its own, and every request uses: `services(request)`."""
+
+    config: Config
+    jwt: JWTSettings
+    metrics: Metrics
+    store: Store
+    broker: Broker
+    hub: Hub
+    engine: Engine
+    offline_model: OfflineModel | None  # the upstream when none is configured
+
+
+def services(connection: Request | WebSocket) -> Services:
+    """The lifespan's services: Starlette hands each request the state the lifespan yielded."""
+    return connection.state.services
 
 
 async def chosen_assistants(request: Request | WebSocket, sub: str, body: RunRequest) -> tuple[list, int]:
     """The assistants named, and how many rounds they answer in."""
-    if body.rounds > (most := state(request).config.max_rounds):
+    if body.rounds > (most := services(request).config.max_rounds):
         raise bad_request(f"rounds: at most {most}")
-    return [await state(request).store.find_assistant(sub, name) for name in body.names(DEFAULT_ASSISTANT)], body.rounds
+    store = services(request).store
+    return [await store.find_assistant(sub, name) for name in body.names(DEFAULT_ASSISTANT)], body.rounds
 
 
 # ---------------------------------------------------------------- REST routes
@@ -258,7 +272,7 @@ async def health(request: Request) -> JSONResponse:
 
 async def ready(request: Request) -> JSONResponse:
     """200 when the database (and Redis, where configured) answer; 503 naming those that do not."""
-    app = state(request)
+    app = services(request)
     checks = {"database": app.store.check()}
     if app.config.redis_url:
         checks["redis"] = app.broker.ping()
@@ -279,7 +293,7 @@ async def answers(check) -> bool:
 
 
 async def metrics_page(request: Request) -> Response:
-    return Response(generate_latest(state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def docs_page(request: Request) -> HTMLResponse:
@@ -289,8 +303,8 @@ async def docs_page(request: Request) -> HTMLResponse:
 async def demo_page(request: Request) -> HTMLResponse:
     """The demo page. In dev mode (no JWT_SECRET_KEY), to a browser on this machine, it comes with alice's
     and bob's tokens, as the start-up log does; never to another host."""
-    page = state(request).demo_page
-    jwt_settings = state(request).jwt
+    page = DEMO_PAGE
+    jwt_settings = services(request).jwt
     if jwt_settings.secret_is_generated and straight_from_this_machine(request.scope):
         tokens = json.dumps({sub: jwt_settings.mint(sub) for sub in ("alice", "bob")})
         page = page.replace(DEMO_TOKENS_SLOT, DEMO_TOKENS_SLOT.replace(">null<", f">{tokens}<"))
@@ -320,18 +334,19 @@ def is_loopback(host: str) -> bool:
 
 async def openapi_document(request: Request) -> JSONResponse:
     # The server is the one asked: a client that imports the document (Postman) sends its requests there.
-    return JSONResponse(state(request).openapi | {"servers": [{"url": str(request.base_url).rstrip("/")}]})
+    document = openapi.document(request.app.routes, VERSION)  # a few ms, for a document fetched once or twice
+    return JSONResponse(document | {"servers": [{"url": str(request.base_url).rstrip("/")}]})
 
 
 async def list_assistants(request: Request) -> JSONResponse:
-    listing = await state(request).store.list_assistants(request.user.sub, page_of(request))
+    listing = await services(request).store.list_assistants(request.user.sub, page_of(request))
     return JSONResponse(listing.as_json(lambda assistant: assistant.as_json()))
 
 
 async def create_assistant(request: Request) -> JSONResponse:
     body = await parsed(request, NewAssistant)
-    assistant, created = await state(request).store.create_or_load_assistant(
-        request.user.sub, body.name, body.model or state(request).config.openai_model, body.instructions,
+    assistant, created = await services(request).store.create_or_load_assistant(
+        request.user.sub, body.name, body.model or services(request).config.openai_model, body.instructions,
         body.tool_list())
     return JSONResponse(assistant.as_json(), status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
@@ -342,28 +357,28 @@ async def list_tools(request: Request) -> JSONResponse:
 
 
 async def get_assistant(request: Request) -> JSONResponse:
-    assistant = await state(request).store.find_assistant(request.user.sub, path_param(request, "assistant"))
+    assistant = await services(request).store.find_assistant(request.user.sub, path_param(request, "assistant"))
     return JSONResponse(assistant.as_json())
 
 
 async def delete_assistant(request: Request) -> Response:
-    await state(request).store.delete_assistant(request.user.sub, path_param(request, "assistant"))
+    await services(request).store.delete_assistant(request.user.sub, path_param(request, "assistant"))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 async def list_threads(request: Request) -> JSONResponse:
-    listing = await state(request).store.list_threads(request.user.sub, page_of(request))
+    listing = await services(request).store.list_threads(request.user.sub, page_of(request))
     return JSONResponse(listing.as_json(lambda thread: thread.as_json()))
 
 
 async def create_thread(request: Request) -> JSONResponse:
     body = await parsed(request, NewThread, optional=True)
-    thread = await state(request).store.create_thread(request.user.sub, body.members, body.title)
+    thread = await services(request).store.create_thread(request.user.sub, body.members, body.title)
     return JSONResponse(thread.as_json(), status.HTTP_201_CREATED)
 
 
 async def visible_thread(request: Request | WebSocket):
-    return await state(request).store.visible_thread(path_param(request, "thread_id"), request.user.sub)
+    return await services(request).store.visible_thread(path_param(request, "thread_id"), request.user.sub)
 
 
 async def owned_thread(request: Request):
@@ -381,22 +396,21 @@ async def get_thread(request: Request) -> JSONResponse:
 async def change_thread(request: Request) -> JSONResponse:
     thread = await owned_thread(request)
     body = await parsed(request, ThreadChange)
-    thread, removed = await state(request).store.update_thread(thread.id, thread.owner, body.members, body.title)
-    if removed:
-        state(request).broker.signal({"kind": "members.removed", "thread_id": thread.id, "subs": sorted(removed)})
+    thread, removed = await services(request).store.update_thread(thread.id, thread.owner, body.members, body.title)
+    services(request).hub.members_removed(thread.id, removed)
     return JSONResponse(thread.as_json())
 
 
 async def delete_thread(request: Request) -> Response:
     thread = await owned_thread(request)
-    await state(request).store.delete_thread(thread.id, thread.owner)
-    state(request).broker.signal({"kind": "thread.deleted", "thread_id": thread.id})
+    await services(request).store.delete_thread(thread.id, thread.owner)
+    services(request).hub.thread_deleted(thread.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 async def list_messages(request: Request) -> JSONResponse:
     thread = await visible_thread(request)
-    return JSONResponse((await state(request).store.list_messages(thread.id, page_of(request))).as_json())
+    return JSONResponse((await services(request).store.list_messages(thread.id, page_of(request))).as_json())
 
 
 async def post_message(request: Request) -> Response:
@@ -417,7 +431,7 @@ async def answer_runs(request: Request, thread_id: str, content: str | None, ass
                       status_code: int) -> Response:
     """Submit, then answer once every run has ended: with JSON, or as it happens with Server-Sent Events.
     The runs go on, and are stored, if the client leaves."""
-    app = state(request)
+    app = services(request)
     listening = contextlib.AsyncExitStack()
     # Listen before submitting: the runs may start (on any process) the moment they are stored.
     connection = await listening.enter_async_context(app.hub.joined(thread_id, request.user.sub, greet=False))
@@ -518,7 +532,7 @@ async def thread_events(request: Request) -> Response:
     """GET /threads/{id}/events: the thread's live events as Server-Sent Events, as a socket gets them."""
     thread = await visible_thread(request)
     after = resume_point(request.headers.get("last-event-id") or request.query_params.get("after"))
-    app, user = state(request), request.user
+    app, user = services(request), request.user
     listening = contextlib.AsyncExitStack()
     connection = await listening.enter_async_context(app.hub.joined(
         thread.id, user.sub, after=after, socket_limit=app.config.max_sockets_per_user))
@@ -533,7 +547,7 @@ async def thread_events(request: Request) -> Response:
 async def thread_presence(request: Request) -> JSONResponse:
     """GET /threads/{id}/presence: who is connected to the thread now, service-wide."""
     thread = await visible_thread(request)
-    return JSONResponse({"data": await state(request).broker.present(thread.id), "has_more": False})
+    return JSONResponse({"data": await services(request).broker.present(thread.id), "has_more": False})
 
 
 def resume_point(value: str | None) -> int | None:
@@ -546,35 +560,22 @@ def resume_point(value: str | None) -> int | None:
 
 async def cancel_run(request: Request) -> JSONResponse:
     thread = await visible_thread(request)
-    run = await cancel(state(request), thread.id, path_param(request, "run_id"), request.user.sub)
+    run = await services(request).engine.cancel(thread.id, path_param(request, "run_id"), request.user.sub)
     return JSONResponse({"run_id": run.id, "status": run.status}, status.HTTP_202_ACCEPTED)
-
-
-async def cancel(app, thread_id: str, run_id: str, by: str):
-    run = await app.engine.cancel(thread_id, run_id, by)
-    if run.status == "active":  # stopped by whichever process runs it
-        app.broker.signal({"kind": "cancel", "run_id": run_id, "by": by})
-    return run
 
 
 async def post_tool_outputs(request: Request) -> JSONResponse:
     thread = await visible_thread(request)
     body = await parsed(request, ToolOutputs)
     run_id = path_param(request, "run_id")
-    answered = await answer_tool_calls(state(request), thread.id, run_id, body.pairs())
+    answered = await services(request).engine.answer_tool_calls(thread.id, run_id, body.pairs())
     return JSONResponse({"run_id": run_id, "messages": answered})
-
-
-async def answer_tool_calls(app, thread_id: str, run_id: str, outputs: list[tuple[str, str]]) -> list[dict]:
-    answered = await app.engine.answer_tool_calls(thread_id, run_id, outputs)
-    app.broker.signal({"kind": "tool_outputs", "run_id": run_id})  # to whichever process runs the run
-    return answered
 
 
 # ---------------------------------------------------------------- WebSocket
 
 async def thread_socket(websocket: WebSocket) -> None:
-    app, user = state(websocket), websocket.scope["user"]
+    app, user = services(websocket), websocket.scope["user"]
     try:
         thread = await visible_thread(websocket)
         after = resume_point(websocket.query_params.get("after"))
@@ -590,7 +591,7 @@ async def thread_socket(websocket: WebSocket) -> None:
             await asyncio.wait_for(websocket.close(close_code), timeout=1)
 
 
-async def serve_socket(websocket: WebSocket, connection: Connection, user: User, app) -> int | None:
+async def serve_socket(websocket: WebSocket, connection: Connection, user: User, app: "Services") -> int | None:
     """Accept, then write the thread's frames and read the client's until either side ends; returns the
     close code to send (None when the client left)."""
     await websocket.accept(subprotocol=websocket.scope.get("auth_subprotocol"))
@@ -609,7 +610,8 @@ async def serve_socket(websocket: WebSocket, connection: Connection, user: User,
     return connection.close_code
 
 
-async def read_frames(websocket: WebSocket, connection: Connection, thread_id: str, sub: str, app) -> None:
+async def read_frames(websocket: WebSocket, connection: Connection, thread_id: str, sub: str,
+                      app: "Services") -> None:
     def reply_error(code: str, message: str, retry_after: float | None = None) -> None:
         error = {"code": code, "message": message} | ({"retry_after": retry_after} if retry_after else {})
         connection.note({"type": "error", "error": error})
@@ -630,9 +632,9 @@ async def read_frames(websocket: WebSocket, connection: Connection, thread_id: s
             if isinstance(frame, TypingFrame):
                 await app.hub.typing(connection)
             elif isinstance(frame, CancelFrame):
-                await cancel(app, thread_id, frame.run_id, sub)
+                await app.engine.cancel(thread_id, frame.run_id, sub)
             elif isinstance(frame, ToolOutputsFrame):
-                await answer_tool_calls(app, thread_id, frame.run_id, frame.pairs())
+                await app.engine.answer_tool_calls(thread_id, frame.run_id, frame.pairs())
             else:
                 content = frame.content if isinstance(frame, MessageFrame) else None
                 run = not isinstance(frame, MessageFrame) or frame.run
@@ -674,7 +676,7 @@ async def handle_error(request: Request | WebSocket, error: Exception) -> Respon
     if isinstance(error, Conflict):
         return error_response(status.HTTP_409_CONFLICT, error.message)
     if isinstance(error, (LimitReached, TooManySockets)):
-        state(request).metrics.limit_hit(request.scope.get("endpoint"))
+        services(request).metrics.limit_hit(request.scope.get("endpoint"))
         return error_response(status.HTTP_429_TOO_MANY_REQUESTS, error.message,
                               retry_after(getattr(error, "retry_after", None)))
     if isinstance(error, (ServiceStopping, BrokerUnavailable)):
@@ -768,86 +770,109 @@ def redacted_url(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if parts.netloc else url
 
 
-@contextlib.asynccontextmanager
-async def lifespan(app: Starlette):
-    config: Config = app.state.config
-    async with contextlib.AsyncExitStack() as stack:
-        store = Store(database_for(config.database_url), config.limits)
-        try:
-            await store.open()
-        except DatabaseUnreachable as error:
-            raise StartupRefused(f"{error} ({redacted_url(config.database_url)})") from None
-        stack.push_async_callback(store.close)
-        broker = broker_for(config.redis_url, config.resume_window, config.redis_prefix, config.socket_slot_seconds)
-        if not broker.shared_across_processes() and not await store.db.hold_process_lock():
-            raise StartupRefused(SEVERAL_PROCESSES.format(database=redacted_url(config.database_url)))
-        if app.state.jwt is None:
-            secret, _ = await store.setting(JWT_SECRET_SETTING, generate_secret)
-            app.state.jwt = JWTSettings.from_env(config.environ, generated_secret=secret)
-        if app.state.jwt.secret_is_generated:
-            log.warning("Demo sign-in is on (no JWT_SECRET_KEY): the page at / hands alice's and bob's tokens to a "
-                        "browser on this machine, never through a proxy; set JWT_SECRET_KEY to turn it off")
-        else:
-            log.info("Demo sign-in is off: JWT_SECRET_KEY is set")
+async def open_store(config: Config, stack: contextlib.AsyncExitStack) -> Store:
+    store = Store(database_for(config.database_url), config.limits)
+    try:
+        await store.open()
+    except DatabaseUnreachable as error:
+        raise StartupRefused(f"{error} ({redacted_url(config.database_url)})") from None
+    stack.push_async_callback(store.close)
+    return store
 
-        api_key, base_url = config.openai_api_key, config.openai_base_url
-        if not api_key and not base_url:
-            app.state.offline_model = OfflineModel(token_delay=config.offline_token_delay)
-            base_url = await stack.enter_async_context(serve_on_loopback(app.state.offline_model.app)) + "/v1"
-            api_key = "offline"
-            log.warning("No OPENAI_API_KEY: replies come from the built-in offline model (%s)", base_url)
-        else:
-            log.info("Upstream: %s, model %s by default", base_url or "https://api.openai.com/v1", config.openai_model)
-        client = openai.AsyncOpenAI(
-            api_key=api_key or "none", base_url=base_url, max_retries=config.openai_max_retries,
-            timeout=openai.Timeout(config.openai_timeout_seconds, connect=5.0))
-        stack.push_async_callback(client.close)
 
-        declared = shared_assistants(config.assistants_file)
-        if not any(item["name"] == DEFAULT_ASSISTANT for item in declared):
-            await store.ensure_shared(DEFAULT_ASSISTANT, config.openai_model, DEFAULT_INSTRUCTIONS)
-        for item in declared:
-            await store.ensure_shared(item["name"], item.get("model") or config.openai_model,
-                                      item.get("instructions") or "", item.get("id"), update=True)
+async def choose_broker(config: Config, store: Store) -> Broker:
+    """Redis with REDIS_URL; else this process alone, which it must be (refused if another serves the database)."""
+    broker = broker_for(config.redis_url, config.resume_window, config.redis_prefix, config.socket_slot_seconds)
+    if not broker.shared_across_processes() and not await store.db.hold_process_lock():
+        raise StartupRefused(SEVERAL_PROCESSES.format(database=redacted_url(config.database_url)))
+    return broker
 
-        hub = Hub(broker)
-        engine = Engine(client, store, MeasuredEvents(broker.publish, app.state.metrics), broker.process_id,
-                        context_chars=config.context_chars, lease_seconds=config.run_lease_seconds,
-                        tool_rounds=config.tool_rounds, tool_timeout=config.tool_timeout_seconds,
-                        tool_call_seconds=config.tool_call_seconds)
 
-        def on_signal(message: dict) -> None:
-            kind = message.get("kind")
-            if kind == "cancel":
-                engine.stop_run(message["run_id"], message["by"])
-            elif kind == "tool_outputs":
-                engine.outputs_arrived(message["run_id"])
-            elif kind == "thread.deleted":
-                hub.close_thread(message["thread_id"], WS_THREAD_DELETED)
-                engine.forget_thread(message["thread_id"])
-            elif kind == "members.removed":
-                hub.close_thread(message["thread_id"], WS_REMOVED_FROM_THREAD, set(message["subs"]))
-            elif kind in ("presence", "typing"):
-                hub.announce(message)
+async def token_settings(config: Config, given: JWTSettings | None, store: Store) -> JWTSettings:
+    """JWT_SECRET_KEY's settings, or a secret generated once and kept in the database, for every process."""
+    if given is None:
+        secret, _ = await store.setting(JWT_SECRET_SETTING, generate_secret)
+        given = JWTSettings.from_env(config.environ, generated_secret=secret)
+    if given.secret_is_generated:
+        log.warning("Demo sign-in is on (no JWT_SECRET_KEY): the page at / hands alice's and bob's tokens to a "
+                    "browser on this machine, never through a proxy; set JWT_SECRET_KEY to turn it off")
+    else:
+        log.info("Demo sign-in is off: JWT_SECRET_KEY is set")
+    return given
 
-        await broker.open(app.state.metrics.delivering(hub), on_signal, hub.resync)
-        stack.push_async_callback(broker.close)
-        log.info("Database: %s; live events: %s", redacted_url(config.database_url),
-                 redacted_url(config.redis_url) if config.redis_url else "this process only (no REDIS_URL)")
-        await engine.start()
 
-        async def stop() -> None:
-            await engine.stop(config.shutdown_grace_seconds)
-            if endpoints := hub.close_all(status.WS_1001_GOING_AWAY):
-                await asyncio.wait(endpoints, timeout=2)
+async def upstream(config: Config, stack: contextlib.AsyncExitStack) -> tuple[openai.AsyncOpenAI, OfflineModel | None]:
+    """The SDK's client for the configured upstream, or for the built-in offline model when none is."""
+    api_key, base_url, offline_model = config.openai_api_key, config.openai_base_url, None
+    if not api_key and not base_url:
+        offline_model = OfflineModel(token_delay=config.offline_token_delay)
+        base_url = await stack.enter_async_context(serve_on_loopback(offline_model.app)) + "/v1"
+        api_key = "offline"
+        log.warning("No OPENAI_API_KEY: replies come from the built-in offline model (%s)", base_url)
+    else:
+        log.info("Upstream: %s, model %s by default", base_url or "https://api.openai.com/v1", config.openai_model)
+    client = openai.AsyncOpenAI(
+        api_key=api_key or "none", base_url=base_url, max_retries=config.openai_max_retries,
+        timeout=openai.Timeout(config.openai_timeout_seconds, connect=5.0))
+    stack.push_async_callback(client.close)
+    return client, offline_model
 
-        stack.push_async_callback(stop)  # for servers that end the lifespan with sockets still open
-        if app.state.jwt.secret_is_generated and await broker.claim_once("demo-tokens", 10):
-            # Printed, not logged: the log never holds a token.
-            print(demo_tokens_banner(app.state.jwt), file=sys.stderr, flush=True)
-        app.state.store, app.state.broker, app.state.hub, app.state.engine = store, broker, hub, engine
-        with stop_gracefully_on_signals(stop):
-            yield
+
+async def declare_shared_assistants(config: Config, store: Store) -> None:
+    """The default assistant, and the operator's from ASSISTANTS_FILE, brought in line with what is declared."""
+    declared = shared_assistants(config.assistants_file)
+    if not any(item["name"] == DEFAULT_ASSISTANT for item in declared):
+        await store.ensure_shared(DEFAULT_ASSISTANT, config.openai_model, DEFAULT_INSTRUCTIONS)
+    for item in declared:
+        await store.ensure_shared(item["name"], item.get("model") or config.openai_model,
+                                  item.get("instructions") or "", item.get("id"), update=True)
+
+
+async def connect_live_events(broker: Broker, hub: Hub, engine: Engine, metrics: Metrics,
+                              stack: contextlib.AsyncExitStack) -> None:
+    """Events to the hub's listeners; signals to the hub and the engine, each taking the kinds that are its own."""
+    def on_signal(message: dict) -> None:
+        hub.on_signal(message)
+        engine.on_signal(message)
+
+    await broker.open(metrics.delivering(hub), on_signal, hub.resync)
+    stack.push_async_callback(broker.close)
+
+
+def lifespan_for(config: Config, given_jwt: JWTSettings | None, metrics: Metrics):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict]:
+        async with contextlib.AsyncExitStack() as stack:
+            store = await open_store(config, stack)
+            broker = await choose_broker(config, store)
+            jwt_settings = await token_settings(config, given_jwt, store)
+            client, offline_model = await upstream(config, stack)
+            await declare_shared_assistants(config, store)
+            hub = Hub(broker)
+            engine = Engine(client, store, MeasuredEvents(broker.publish, metrics), broker.process_id,
+                            context_chars=config.context_chars, lease_seconds=config.run_lease_seconds,
+                            tool_rounds=config.tool_rounds, tool_timeout=config.tool_timeout_seconds,
+                            tool_call_seconds=config.tool_call_seconds, signal=broker.signal)
+            await connect_live_events(broker, hub, engine, metrics, stack)
+            log.info("Database: %s; live events: %s", redacted_url(config.database_url),
+                     redacted_url(config.redis_url) if config.redis_url else "this process only (no REDIS_URL)")
+            await engine.start()
+
+            async def stop() -> None:
+                await engine.stop(config.shutdown_grace_seconds)
+                if endpoints := hub.close_all(status.WS_1001_GOING_AWAY):
+                    await asyncio.wait(endpoints, timeout=2)
+
+            stack.push_async_callback(stop)  # for servers that end the lifespan with sockets still open
+            if jwt_settings.secret_is_generated and await broker.claim_once("demo-tokens", 10):
+                # Printed, not logged: the log never holds a token.
+                print(demo_tokens_banner(jwt_settings), file=sys.stderr, flush=True)
+            with stop_gracefully_on_signals(stop):
+                # Each request sees this as request.state; the JWT middleware reads "jwt" from the scope's state.
+                yield {"services": Services(config, jwt_settings, metrics, store, broker, hub, engine, offline_model),
+                       "jwt": jwt_settings}
+
+    return lifespan
 
 
 def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = None) -> Starlette:
@@ -864,7 +889,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
                                         allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
                                         expose_headers=["Retry-After"], max_age=600))
     handlers: dict[Any, Any] = {Exception: handle_error, ClientDisconnect: client_left}
-    app = Starlette(
+    return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
@@ -896,14 +921,8 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
         exception_handlers=handlers | {kind: handle_error for kind in (
             HTTPException, BadPage, NotFound, Conflict, LimitReached, TooManySockets, ServiceStopping,
             BrokerUnavailable, UpstreamError)},
-        lifespan=lifespan,
+        lifespan=lifespan_for(config, jwt_settings, Metrics()),
     )
-    app.state.config = config
-    app.state.jwt = jwt_settings
-    app.state.metrics = Metrics()
-    app.state.openapi = openapi.document(app.routes, VERSION)
-    app.state.demo_page = DEMO_PAGE.read_text()
-    return app
 
 
 class ClientMisbehaviourInOneLine(logging.Filter):

@@ -34,6 +34,7 @@ from conftest import (
     frames_until,
     next_frame,
     serve_live,
+    services_of,
 )
 from main import DEFAULT_INSTRUCTIONS, MAX_BODY_BYTES, create_app
 from offline_model import FAULTS_AFTER_TEXT
@@ -145,7 +146,7 @@ async def hanging_run(service, ws, seen: list | None = None) -> str:
     """The next run.started on `ws`, once its upstream request (told to hang) has arrived: the run is
     active and stays so until cancelled. Returns its run id."""
     started = await until(ws, of_type("run.started"), seen)
-    received = service.state.offline_model.received
+    received = service.services.offline_model.received
     assert await eventually(lambda: any((body.get("metadata") or {}).get("run_id") == started["run_id"]
                                         for body in received), timeout=10)
     return started["run_id"]
@@ -295,7 +296,7 @@ def test_an_assistant_is_created_once_then_loaded_unchanged(client, auth):
     assert coach["name"] == "coach"
     assert coach["instructions"] == "Be brief."
     assert coach["owner"] == "alice"
-    assert coach["model"] == client.app.state.config.openai_model
+    assert coach["model"] == services_of(client).config.openai_model
     assert isinstance(coach["created_at"], int)
     again = client.post("/assistants", json={"name": "coach", "instructions": "Be long.", "model": "other"},
                         headers=auth("alice"))
@@ -597,7 +598,7 @@ THREAD_ROUTES = [  # (method, path after /threads/{id}, JSON body): every thread
                          ids=["well formed", "dot dot", "300 chars", "dotted", "space", "non-ascii", "null", "sql"])
 def test_a_foreign_thread_looks_exactly_like_a_missing_one(client, auth, missing):
     thread = new_thread(client, auth, members=["bob"])
-    model = client.app.state.offline_model
+    model = services_of(client).offline_model
     runs_before = model.responses_started
     for method, suffix, body in THREAD_ROUTES:
         foreign = client.request(method, f"/threads/{thread['id']}{suffix}", json=body, headers=auth("carol"))
@@ -649,7 +650,7 @@ def test_a_message_is_stored_and_answered_with_its_authors(client, auth):
 
 def test_the_model_is_sent_the_history_with_authors_and_the_attribution_note(client, auth):
     thread = new_thread(client, auth, members=["bob"])
-    model = client.app.state.offline_model
+    model = services_of(client).offline_model
     assert post_message(client, auth, thread["id"], "bob", content="from bob", run=False).status_code == 201
     [reply] = post_message(client, auth, thread["id"], content="from alice").json()["replies"]
     sent = model.received[-1]
@@ -658,14 +659,14 @@ def test_the_model_is_sent_the_history_with_authors_and_the_attribution_note(cli
     assert sent["instructions"] == f"{DEFAULT_INSTRUCTIONS}\n\n{ATTRIBUTION_NOTE}"
     assert sent["store"] is False
     assert sent["stream"] is True
-    assert sent["model"] == client.app.state.config.openai_model
+    assert sent["model"] == services_of(client).config.openai_model
     assert sent["metadata"] == {"run_id": reply["run_id"], "assistant_id": reply["assistant"]["id"],
                                 "assistant_name": reply["assistant"]["name"]}
 
 
 def test_run_false_stores_without_a_reply_and_a_run_answers_later(client, auth):
     thread = new_thread(client, auth)
-    model = client.app.state.offline_model
+    model = services_of(client).offline_model
     runs_before = model.responses_started
     quiet = post_message(client, auth, thread["id"], content="note this", run=False)
     assert quiet.status_code == 201
@@ -688,7 +689,7 @@ def test_several_assistants_answer_in_order_and_each_sees_the_replies_before_it(
     first = create_assistant(client, auth, "duo", "first", instructions="First.")
     second = create_assistant(client, auth, "duo", "second", instructions="Second.")
     thread = new_thread(client, auth, "duo")
-    model = client.app.state.offline_model
+    model = services_of(client).offline_model
     turn = post_message(client, auth, thread["id"], "duo", content="both of you",
                         assistants=["first", second["id"]]).json()
     assert turn["errors"] == []
@@ -737,7 +738,7 @@ def untouched(client) -> str:
         "content too long", "assistant and assistants", "empty assistants", "too many assistants",
         "assistants a string", "run a string", "run a number", "unknown field", "a frame's type field"])
 def test_bad_messages_are_refused_and_nothing_is_stored(client, auth, untouched, body, status_code, words, field):
-    model = client.app.state.offline_model
+    model = services_of(client).offline_model
     runs_before = model.responses_started
     assert_error(post_message(client, auth, untouched, **body), status_code, *words, field=field)
     assert messages(client, auth, untouched) == []
@@ -833,7 +834,7 @@ def test_a_page_always_holds_one_item_however_low_its_bound(make_app, auth, data
 ])
 def test_a_message_whose_run_fails_is_still_stored_with_the_error(client, auth, fault, code):
     thread = new_thread(client, auth)
-    client.app.state.offline_model.fail_next(fault)
+    services_of(client).offline_model.fail_next(fault)
     response = post_message(client, auth, thread["id"], content="keep me")
     assert response.status_code == 201
     assert "sk-" not in response.text
@@ -868,7 +869,7 @@ def test_a_message_whose_run_fails_is_still_stored_with_the_error(client, auth, 
 ])
 def test_runs_that_all_fail_answer_with_the_upstream_status_and_the_next_run_works(client, auth, fault, status_code):
     thread = new_thread(client, auth)
-    client.app.state.offline_model.fail_next(fault)
+    services_of(client).offline_model.fail_next(fault)
     response = client.post(f"/threads/{thread['id']}/runs", headers=auth("alice"))
     assert_error(response, status_code)
     if fault == "rate_limited":
@@ -883,7 +884,7 @@ def test_runs_that_all_fail_answer_with_the_upstream_status_and_the_next_run_wor
 
 def test_runs_of_which_one_fails_answer_200_with_the_reply_and_the_error(client, auth):
     thread = new_thread(client, auth)
-    client.app.state.offline_model.fail_next("server_error")
+    services_of(client).offline_model.fail_next("server_error")
     response = client.post(f"/threads/{thread['id']}/runs", json={"assistants": ["assistant", "assistant"]},
                            headers=auth("alice"))
     assert response.status_code == 200
@@ -896,7 +897,7 @@ def test_runs_of_which_one_fails_answer_200_with_the_reply_and_the_error(client,
 def test_an_upstream_that_never_answers_is_a_504_and_the_next_run_works(make_app, auth):
     with TestClient(make_app(openai_timeout_seconds=0.5, openai_max_retries=0)) as slow:
         thread = new_thread(slow, auth)
-        model = slow.app.state.offline_model
+        model = services_of(slow).offline_model
         model.fail_next("hang")
         assert_error(slow.post(f"/threads/{thread['id']}/runs", headers=auth("alice")), 504)
         model.fail_next("hang")
@@ -946,7 +947,7 @@ async def test_a_post_streams_its_own_events_in_contract_order_and_no_one_elses(
     seen: list[dict] = []
     ws, _ = await join(live, thread_id, "alice")
     # Bob's run hangs, so that Alice's stream is open while Bob posts again.
-    live.state.offline_model.fail_next("hang")
+    live.services.offline_model.fail_next("hang")
     blocker = asyncio.create_task(live_post(live, auth, thread_id, "bob", content="hold on"))
     blocker_run = await hanging_run(live, ws, seen)
 
@@ -1049,7 +1050,7 @@ async def test_twenty_concurrent_posts_are_all_stored_and_run_one_at_a_time_in_a
 async def test_a_run_goes_on_and_is_stored_when_the_client_that_posted_leaves(live, auth, join, transport):
     thread_id = await live.new_thread(auth, members=["bob"])
     ws, _ = await join(live, thread_id, "bob")
-    live.state.offline_model.fail_next("hang")
+    live.services.offline_model.fail_next("hang")
     blocker = asyncio.create_task(live_post(live, auth, thread_id, "bob", content="hold on"))
     blocker_run = await hanging_run(live, ws)
     streaming = asyncio.Event()
@@ -1086,7 +1087,7 @@ async def test_a_run_goes_on_and_is_stored_when_the_client_that_posted_leaves(li
 async def test_a_run_is_cancelled_over_rest_by_anyone_on_the_thread(live, auth, join):
     thread_id = await live.new_thread(auth, members=["bob"])
     ws, _ = await join(live, thread_id, "alice")
-    live.state.offline_model.fail_next("hang")
+    live.services.offline_model.fail_next("hang")
     posted = asyncio.create_task(live_post(live, auth, thread_id, content="never mind"))
     run_id = await hanging_run(live, ws)
 
@@ -1121,7 +1122,7 @@ async def test_a_full_thread_queue_answers_429_stores_nothing_and_loses_none_it_
     async with serve_live(make_app(max_waiting_runs=2, openai_max_retries=0)) as service:
         thread_id = await service.new_thread(auth)
         ws, _ = await join(service, thread_id, "alice")
-        service.state.offline_model.fail_next("hang")
+        service.services.offline_model.fail_next("hang")
         first = asyncio.create_task(live_post(service, auth, thread_id, content="first"))
         run_id = await hanging_run(service, ws)
         queued = []
@@ -1155,7 +1156,7 @@ async def test_a_users_runs_across_threads_are_bounded_while_another_user_is_ser
     async with serve_live(make_app(max_runs_per_user=2, openai_max_retries=0)) as service:
         threads = [await service.new_thread(auth, "greedy") for _ in range(3)]
         sockets = [(await join(service, thread_id, "greedy"))[0] for thread_id in threads[:2]]
-        service.state.offline_model.fail_next("hang", times=2)
+        service.services.offline_model.fail_next("hang", times=2)
         held = [asyncio.create_task(live_post(service, auth, thread_id, "greedy", content="hold"))
                 for thread_id in threads[:2]]
         run_ids = [await hanging_run(service, ws) for ws in sockets]

@@ -505,19 +505,19 @@ async def fault_outcome(live, auth, fault: str) -> tuple:
         return frames
 
     try:
-        live.state.offline_model.fail_next(fault)
+        live.services.offline_model.fail_next(fault)
         await watcher.send(json.dumps({"type": "message", "content": "over the socket"}))
         over_socket = ending(await watched())
-        live.state.offline_model.fail_next(fault)
+        live.services.offline_model.fail_next(fault)
         over_sse = await post_streamed(live, f"/threads/{thread}/messages", {"content": "over sse"}, alice)
         seen.extend(over_sse)
         sse_reached_the_socket = run_shape(await watched()) == run_shape(over_sse)
-        live.state.offline_model.fail_next(fault)
+        live.services.offline_model.fail_next(fault)
         message = await live.http.post(f"/threads/{thread}/messages", json={"content": "over rest"}, headers=alice)
         await watched()
         over_rest = (message.status_code, len(message.json()["replies"]),
                      [error["code"] for error in message.json()["errors"]])
-        live.state.offline_model.fail_next(fault)
+        live.services.offline_model.fail_next(fault)
         runs = await live.http.post(f"/threads/{thread}/runs", headers=alice)
         runs_on_the_socket = ending(await watched())
         assert runs.status_code >= 400 or runs.json()["replies"]
@@ -609,7 +609,7 @@ async def test_a_thousand_socket_lifetimes_leave_no_socket_task_listener_slot_or
         await asyncio.gather(*(live.http.post(f"/threads/{t}/messages", json={"content": "warm up"},
                                               headers=auth("alice")) for t in threads))
         baseline, slack = open_fds(), 2 * SOAK_THREADS + 4
-        state = live.state
+        state = live.services
 
         outcomes = Counter()
         for first in range(0, SOAK_CYCLES, SOAK_BATCH):

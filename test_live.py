@@ -177,7 +177,7 @@ async def replies(service, auth, thread_id: str) -> list[dict]:
 
 
 def hub_is_empty(service) -> bool:
-    return service.state.hub.threads == {} and service.state.broker.slots == {}
+    return service.services.hub.threads == {} and service.services.broker.slots == {}
 
 
 async def sse_stream(response):
@@ -315,8 +315,8 @@ async def test_refused_handshakes_answer_with_their_status(live, auth, jwt_setti
     for thread_id, query, headers, status_code in cases:
         url = live.socket_url(thread_id, query)
         assert await refused_status(url, additional_headers=headers) == status_code, (thread_id, query, headers)
-    assert private not in live.state.hub.threads
-    assert "user:alice" not in live.state.broker.slots
+    assert private not in live.services.hub.threads
+    assert "user:alice" not in live.services.broker.slots
 
 
 async def test_token_in_header_subprotocol_or_query(live, auth, jwt_settings, opened):
@@ -413,13 +413,13 @@ async def connect_without_reading(server, thread_id: str, token: str):
 async def test_a_socket_that_stops_reading_delays_no_one_and_is_closed_past_its_bound(
         make_app, auth, jwt_settings, join, opened):
     async with serve_live(make_app(offline_token_delay=0.0), ws=ThrottledWebSockets) as server:
-        server.state.hub.max_backlog_chars = 32 * 1024  # each connection copies the bound when it joins
+        server.services.hub.max_backlog_chars = 32 * 1024  # each connection copies the bound when it joins
         thread_id = await server.new_thread(auth, members=["slowpoke"])
         readers = [(await join(server, thread_id, "alice"))[0] for _ in range(3)]
         slow_socket = await connect_without_reading(server, thread_id, jwt_settings.mint("slowpoke"))
         opened.append(slow_socket)
-        assert await eventually(lambda: len(server.state.hub.threads[thread_id]) == 4)
-        slow_connection = next(c for c in server.state.hub.threads[thread_id] if c.sub == "slowpoke")
+        assert await eventually(lambda: len(server.services.hub.threads[thread_id]) == 4)
+        slow_connection = next(c for c in server.services.hub.threads[thread_id] if c.sub == "slowpoke")
 
         async def watch_then_drain():
             """The slow connection's peak backlog until the server closes it; then what it had received."""
@@ -442,10 +442,10 @@ async def test_a_socket_that_stops_reading_delays_no_one_and_is_closed_past_its_
             assert [check_run(frames[1:]) for frames in reader_frames] == [stored[-1]] * len(readers)
         peak_backlog, slow_frames, code = await asyncio.wait_for(watcher, FRAME_TIMEOUT)
 
-        assert peak_backlog <= server.state.hub.max_backlog_chars <= hub_module.MAX_BACKLOG_CHARS
+        assert peak_backlog <= server.services.hub.max_backlog_chars <= hub_module.MAX_BACKLOG_CHARS
         assert code == hub_module.SLOW_CONSUMER_CLOSE_CODE
-        assert await eventually(lambda: len(server.state.hub.threads[thread_id]) == 3)
-        assert "user:slowpoke" not in server.state.broker.slots
+        assert await eventually(lambda: len(server.services.hub.threads[thread_id]) == 3)
+        assert "user:slowpoke" not in server.services.broker.slots
         # What did reach the slow socket was merged, never dropped: each whole run adds up to its reply.
         assert slow_frames[0]["type"] == "thread.joined"
         completed = [i for i, frame in enumerate(slow_frames) if frame["type"] == "run.completed"]
@@ -463,8 +463,8 @@ async def test_a_socket_leaving_mid_run_disturbs_no_one_and_the_reply_is_stored(
     assert [frame["type"] for frame in await frames_until(leaving, "text.delta")] == [
         "message.created", "run.started", "text.delta"]
     await leaving.close()
-    assert await eventually(lambda: len(slow.state.hub.threads[thread_id]) == 2)
-    assert slow.state.engine.active_runs() == 1  # still streaming, for the two left
+    assert await eventually(lambda: len(slow.services.hub.threads[thread_id]) == 2)
+    assert slow.services.engine.active_runs() == 1  # still streaming, for the two left
     stayed = [check_run((await frames_until(ws, "run.completed"))[1:]) for ws in staying]
     assert stayed[0] == stayed[1]
     assert [message["content"] for message in await replies(slow, auth, thread_id)] == [stayed[0]]
@@ -496,11 +496,11 @@ async def test_fifty_threads_each_get_only_their_own_events(live, auth, join):
     await asyncio.gather(*(ws.send("not json") for ws in all_sockets))
     assert {(await next_frame(ws))["type"] for ws in all_sockets} == {"error"}
 
-    ours = [connection for thread_id in thread_ids for connection in live.state.hub.threads[thread_id]]
+    ours = [connection for thread_id in thread_ids for connection in live.services.hub.threads[thread_id]]
     await asyncio.gather(*(ws.close() for ws in all_sockets))
-    assert await eventually(lambda: not set(thread_ids) & set(live.state.hub.threads))
+    assert await eventually(lambda: not set(thread_ids) & set(live.services.hub.threads))
     assert await eventually(lambda: not {connection.writer for connection in ours} & writer_tasks())
-    assert not any(f"user:{owner}" in live.state.broker.slots for owner in owners)
+    assert not any(f"user:{owner}" in live.services.broker.slots for owner in owners)
 
 
 async def test_a_socket_is_closed_with_4401_when_its_token_expires(live, auth, jwt_settings, opened):
@@ -510,7 +510,7 @@ async def test_a_socket_is_closed_with_4401_when_its_token_expires(live, auth, j
     ws, _ = await open_socket(live, thread_id, short_lived, opened)
     assert await close_code(ws) == main.WS_TOKEN_EXPIRED
     assert time.time() >= expires_at - 0.1  # closed at the token's own expiry, not before it
-    assert await eventually(lambda: thread_id not in live.state.hub.threads)
+    assert await eventually(lambda: thread_id not in live.services.hub.threads)
 
 
 # ---------------------------------------------------------------- joining late, and resuming
@@ -655,7 +655,7 @@ async def test_a_quiet_event_stream_sends_keep_alives_and_ends_when_its_token_ex
     assert items[0]["type"] == "thread.joined"
     assert set(items[1:]) == {": keep-alive"}
     assert len(items[1:]) >= 2
-    assert await eventually(lambda: thread_id not in live.state.hub.threads)
+    assert await eventually(lambda: thread_id not in live.services.hub.threads)
 
 
 async def test_an_event_stream_refuses_a_stranger_a_bad_last_event_id_and_no_token(live, auth):
@@ -669,7 +669,7 @@ async def test_an_event_stream_refuses_a_stranger_a_bad_last_event_id_and_no_tok
     assert bad.json()["detail"]
     assert (await live.http.get(events_path(thread_id) + "?after=-3", headers=auth("alice"))).status_code == 400
     assert (await live.http.get(events_path(thread_id))).status_code == 401
-    assert thread_id not in live.state.hub.threads
+    assert thread_id not in live.services.hub.threads
 
 
 # ---------------------------------------------------------------- cancelling
@@ -680,7 +680,7 @@ async def test_cancelling_over_the_socket_stops_the_run_for_everyone_and_the_nex
     thread_id = await slow.new_thread(auth, members=["bob"])
     alice, _ = await join(slow, thread_id, "alice")
     bob, _ = await join(slow, thread_id, "bob")
-    model = slow.state.offline_model
+    model = slow.services.offline_model
     await alice.send(json.dumps({"type": "message", "content": LONG, "assistants": ["assistant", "second"]}))
     alice_frames = await frames_until(alice, "text.delta", count=3)
     run_id = alice_frames[1]["run_id"]
@@ -740,7 +740,7 @@ async def test_cancelling_over_rest_mid_run_closes_the_upstream_stream_and_answe
         assert cancelled["by"] == "bob"
         assert cancelled["message"]["content"] == deltas(frames, run_id)
         assert cancelled["message"]["cancelled"] is True
-    assert await eventually(lambda: slow.state.offline_model.streams_open == 0, timeout=1)
+    assert await eventually(lambda: slow.services.offline_model.streams_open == 0, timeout=1)
 
     posted = await asyncio.wait_for(posting, FRAME_TIMEOUT)
     assert posted.status_code == 201
@@ -767,7 +767,7 @@ async def test_every_run_started_is_answered_by_exactly_one_ending_on_every_sock
         await watcher.send(json.dumps({"type": "message", "content": f"run {n} " + "w " * 30}))
     seen = [await frames_until(watcher, "run.started", count=2)]
     seen[0] += await frames_until(watcher, "text.delta")  # the second run is streaming
-    slow.state.offline_model.fail_next("response_failed")  # the third run's upstream call: the second's was made
+    slow.services.offline_model.fail_next("response_failed")  # the third run's upstream call: the second's was made
     await watcher.send(json.dumps({"type": "cancel", "run_id": seen[0][-1]["run_id"]}))
     seen += [[] for _ in sockets[1:]]
 
@@ -808,7 +808,7 @@ async def test_removing_a_member_closes_their_sockets_with_4403_and_deleting_the
         changed = await live.http.patch(f"/threads/{thread_id}", json={"members": ["carol"]}, headers=auth("alice"))
         assert changed.status_code == 200
         assert changed.json()["members"] == ["carol"]
-        assert await close_code(bob) == main.WS_REMOVED_FROM_THREAD
+        assert await close_code(bob) == hub_module.WS_REMOVED_FROM_THREAD
         assert [item for item in await sse_rest(bob_events) if isinstance(item, dict)] == []  # it ended
     assert await refused_status(live.socket_url(thread_id), additional_headers=auth("bob")) == 404
 
@@ -818,11 +818,11 @@ async def test_removing_a_member_closes_their_sockets_with_4403_and_deleting_the
         assert "heard: [alice] bob has gone" in check_run(frames[1:])
 
     assert (await live.http.delete(f"/threads/{thread_id}", headers=auth("alice"))).status_code == 204
-    assert await close_code(alice) == main.WS_THREAD_DELETED
-    assert await close_code(carol) == main.WS_THREAD_DELETED
+    assert await close_code(alice) == hub_module.WS_THREAD_DELETED
+    assert await close_code(carol) == hub_module.WS_THREAD_DELETED
     for sub in ("alice", "carol"):
         assert await refused_status(live.socket_url(thread_id), additional_headers=auth(sub)) == 404
-    assert await eventually(lambda: thread_id not in live.state.hub.threads)
+    assert await eventually(lambda: thread_id not in live.services.hub.threads)
 
 
 async def test_deleting_a_thread_mid_run_closes_its_sockets_and_stops_its_run(slow, auth, join):
@@ -832,10 +832,10 @@ async def test_deleting_a_thread_mid_run_closes_its_sockets_and_stops_its_run(sl
     await alice.send(json.dumps({"type": "message", "content": LONG}))
     await frames_until(bob, "text.delta", count=3)
     assert (await slow.http.delete(f"/threads/{thread_id}", headers=auth("alice"))).status_code == 204
-    assert await close_code(alice) == main.WS_THREAD_DELETED
-    assert await close_code(bob) == main.WS_THREAD_DELETED
-    assert await eventually(lambda: slow.state.offline_model.streams_open == 0, timeout=1)
-    assert await eventually(lambda: slow.state.engine.active_runs() == 0)
+    assert await close_code(alice) == hub_module.WS_THREAD_DELETED
+    assert await close_code(bob) == hub_module.WS_THREAD_DELETED
+    assert await eventually(lambda: slow.services.offline_model.streams_open == 0, timeout=1)
+    assert await eventually(lambda: slow.services.engine.active_runs() == 0)
     assert (await slow.http.get(f"/threads/{thread_id}/messages", headers=auth("alice"))).status_code == 404
 
 
@@ -869,14 +869,14 @@ async def test_a_user_past_the_socket_limit_is_refused_with_429_until_one_closes
         assert joined["clients"] == 2
 
         await sockets[0].close()
-        assert await eventually(lambda: len(server.state.broker.slots.get("user:alice", ())) < 3)
+        assert await eventually(lambda: len(server.services.broker.slots.get("user:alice", ())) < 3)
         _, joined = await join(server, first, "alice")
         assert joined["clients"] == 2
 
 
 async def test_the_event_log_stays_within_its_bounds(make_app, auth, join):
     async with serve_live(make_app(offline_token_delay=0.0, resume_events=20, resume_log_events=100)) as server:
-        broker = server.state.broker
+        broker = server.services.broker
         thread_ids = await asyncio.gather(*(server.new_thread(auth) for _ in range(8)))
         first, last = thread_ids[0], thread_ids[-1]
         ws, joined = await join(server, first, "alice")
@@ -913,7 +913,7 @@ async def test_seq_still_grows_by_one_on_a_watched_thread_whose_events_were_evic
             posted = await server.http.post(f"/threads/{thread_id}/messages", json={"content": "busy elsewhere"},
                                             headers=auth("alice"))
             assert posted.status_code == 201
-        assert server.state.broker.logged <= 40
+        assert server.services.broker.logged <= 40
         await ws.send(json.dumps({"type": "message", "content": "still here"}))
         created = await next_frame(ws)
         assert created["type"] == "message.created"
@@ -959,25 +959,26 @@ async def test_nothing_is_left_behind_after_all_sorts_of_endings(make_app, auth,
         await closing.close()
         changed = await server.http.patch(f"/threads/{thread_id}", json={"members": []}, headers=auth("alice"))
         assert changed.status_code == 200
-        assert await close_code(removed) == main.WS_REMOVED_FROM_THREAD
+        assert await close_code(removed) == hub_module.WS_REMOVED_FROM_THREAD
         assert (await server.http.delete(f"/threads/{doomed}", headers=auth("alice"))).status_code == 204
-        assert await close_code(deleted) == main.WS_THREAD_DELETED
+        assert await close_code(deleted) == hub_module.WS_THREAD_DELETED
         assert next(item for item in await deleted_events if isinstance(item, dict))["type"] == "thread.joined"
         assert await close_code(expiring) == main.WS_TOKEN_EXPIRED
         assert (await expiring_events)[0]["type"] == "thread.joined"
 
-        assert await eventually(lambda: hub_is_empty(server)), (server.state.hub.threads, server.state.broker.slots)
+        services = server.services
+        assert await eventually(lambda: hub_is_empty(server)), (services.hub.threads, services.broker.slots)
         assert await eventually(lambda: not writer_tasks()), writer_tasks()
-        assert server.state.engine.active_runs() == 0
+        assert server.services.engine.active_runs() == 0
 
 
 async def test_the_shared_servers_are_left_empty(live, slow):
     """Every earlier test closed its sockets and streams: nothing at all is left on either server."""
-    assert await eventually(lambda: hub_is_empty(live)), (live.state.hub.threads, live.state.broker.slots)
-    assert await eventually(lambda: hub_is_empty(slow)), (slow.state.hub.threads, slow.state.broker.slots)
+    assert await eventually(lambda: hub_is_empty(live)), (live.services.hub.threads, live.services.broker.slots)
+    assert await eventually(lambda: hub_is_empty(slow)), (slow.services.hub.threads, slow.services.broker.slots)
     assert await eventually(lambda: not writer_tasks()), writer_tasks()
-    assert live.state.engine.active_runs() == 0
-    assert slow.state.engine.active_runs() == 0
+    assert live.services.engine.active_runs() == 0
+    assert slow.services.engine.active_runs() == 0
 
 
 # ---------------------------------------------------------------- shutdown

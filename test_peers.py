@@ -250,7 +250,7 @@ async def test_the_usage_the_proxy_reports_is_on_run_completed_and_stored_with_t
     assert sent["stream_options"] == {"include_usage": True}
     usage = EchoChatModel.usage_of(sent)
     assert completed["usage"] == {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
-    (run,) = await service.state.store.runs([completed["run_id"]])
+    (run,) = await service.services.store.runs([completed["run_id"]])
     assert run.usage == completed["usage"]
 
 
@@ -321,7 +321,7 @@ async def test_a_recorded_stream_of_each_server_is_read_into_a_stored_reply(stre
             assert posted.json()["errors"] == []
             (reply,) = posted.json()["replies"]
             stored = await service.messages(auth, thread_id)
-            (run,) = await service.state.store.runs([reply["run_id"]])
+            (run,) = await service.services.store.runs([reply["run_id"]])
 
     assert expected and reply["content"] == expected
     assert stored[-1]["content"] == expected

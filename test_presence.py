@@ -111,7 +111,7 @@ async def test_joining_and_leaving_are_announced_once_per_user_and_the_list_says
                                                    "sockets": 0}
     assert await presence(live.http, thread_id) == [{"user": "alice", "sockets": 1}]
     await alice.close()
-    assert await eventually(lambda: thread_id not in live.state.hub.threads)
+    assert await eventually(lambda: thread_id not in live.services.hub.threads)
     assert await presence(live.http, thread_id) == []
 
 
@@ -120,7 +120,7 @@ async def test_an_event_stream_counts_as_a_connection_and_gets_presence_without_
     async with live.http.stream("GET", f"/threads/{thread_id}/events", headers=bearer("carol")) as stream:
         assert stream.status_code == 200
         reading = asyncio.create_task(sse_lines(stream, until='"user":"bob","sockets":0'))
-        assert await eventually(lambda: any(c.slot for c in live.state.hub.threads.get(thread_id, ())))
+        assert await eventually(lambda: any(c.slot for c in live.services.hub.threads.get(thread_id, ())))
         assert await presence(live.http, thread_id) == [{"user": "carol", "sockets": 1}]
         bob, joined = await socket(live.url, thread_id, "bob", opened)
         assert joined["present"] == [{"user": "bob", "sockets": 1}, {"user": "carol", "sockets": 1}]
@@ -210,7 +210,7 @@ async def test_rounds_answer_in_turn_each_seeing_every_reply_before_it(live):
     for name in ("ann", "ben"):
         await live.http.post("/assistants", json={"name": name}, headers=bearer("alice"))
     thread_id = await new_thread(live.http)
-    model = live.state.offline_model
+    model = live.services.offline_model
     before = len(model.received)
     posted = await live.http.post(f"/threads/{thread_id}/messages", headers=bearer("alice"),
                                   json={"content": "talk it over", "assistants": ["ann", "ben"], "rounds": 2})
@@ -256,7 +256,7 @@ async def test_a_socket_asks_for_rounds_and_a_cancel_drops_the_rounds_still_to_c
     assert all(frame["by"] == "alice" for frame in ends[:-1])
     started = [frame["run_id"] for frame in frames if frame["type"] == "run.started"]
     assert started == [first_run["run_id"], ends[-1]["run_id"]]  # the dropped ones never started
-    assert await eventually(lambda: live.state.engine.active_runs() == 0)
+    assert await eventually(lambda: live.services.engine.active_runs() == 0)
     stored = await live.messages(lambda sub: bearer(sub), thread_id)
     assert [message.get("assistant", {}).get("name") for message in stored] == [None, "assistant", "ann"]
 

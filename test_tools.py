@@ -132,7 +132,7 @@ async def test_a_server_tool_runs_and_the_model_answers_with_its_output(make_app
                                      "arguments": '{"timezone": "Europe/Paris"}', "runs_on": "server"}
         assert tool["content"] == result["output"] and "pending" not in tool
         assert assistant["content"] == reply
-        second = server.state.offline_model.received[-1]
+        second = server.services.offline_model.received[-1]
         assert [tool["name"] for tool in second["tools"]] == ["current_time"]
         assert second["input"][-2:] == [
             {"type": "function_call", "call_id": called["call_id"], "name": "current_time",
@@ -218,13 +218,13 @@ async def test_parallel_calls_run_in_one_step_and_the_run_goes_on_when_all_are_a
         first = await answer(server, auth, thread_id, run_id, {client_calls[0]: "one"})
         assert first.status_code == 200
         await frames_until(alice, "tool.result", count=2)  # the server tool's, and the first answer's
-        assert len(server.state.offline_model.received) == 1  # still waiting for the second output
+        assert len(server.services.offline_model.received) == 1  # still waiting for the second output
         await answer(server, auth, thread_id, run_id, {client_calls[1]: "two"})
         done = await frame_of(alice, "run.completed")
         assert done["message"]["content"].startswith(
             '[offline model] clerk got the tool outputs: lookup returned "one"; lookup returned "two"; '
             'current_time returned "')
-        sent = server.state.offline_model.received[-1]["input"]
+        sent = server.services.offline_model.received[-1]["input"]
         assert [item["type"] for item in sent[-6:]] == ["function_call", "function_call_output"] * 3
         assert [item["call_id"] for item in sent[-6:]] == [call_id for call_id in calls for _ in (1, 2)]
 
@@ -244,7 +244,7 @@ async def test_a_run_waiting_too_long_fails_with_tool_timeout_and_its_call_is_cl
         # The next run sees the call with the output it ended with: a model refuses a call without one.
         await say(alice, "try again later", "clerk")
         await frame_of(alice, "run.completed")
-        assert server.state.offline_model.received[-1]["input"][2]["output"] == result["output"]
+        assert server.services.offline_model.received[-1]["input"][2]["output"] == result["output"]
 
 
 async def test_a_run_waiting_for_outputs_can_be_cancelled(make_app, auth, join):
@@ -287,7 +287,7 @@ async def test_later_runs_get_the_calls_back_and_other_assistants_read_them_as_t
 
         await say(alice, "thanks", "clerk")
         await frame_of(alice, "run.completed")
-        model = server.state.offline_model
+        model = server.services.offline_model
         assert model.received[-1]["input"] == [
             {"type": "message", "role": "user", "content": '[alice] call lookup {"order": "9"}'},
             {"type": "function_call", "call_id": called["call_id"], "name": "lookup", "arguments": '{"order": "9"}'},
