@@ -23,7 +23,8 @@ import openai
 from openai._models import construct_type
 from openai.types.responses import ResponseStreamEvent
 
-from store import Assistant, Conflict, LeaseLost, Run, Store, Submission
+from errors import Conflict, Unavailable, UpstreamError, UpstreamRateLimited, UpstreamTimeout
+from store import Assistant, LeaseLost, Run, Store, Submission
 from tools import call_server_tool, tool_spec
 
 log = logging.getLogger("gainz")
@@ -36,30 +37,7 @@ HISTORY_MESSAGES = 1000  # read at most this many of the latest messages; the co
 TOOL_POLL_SECONDS = 2.0  # a run waiting for tool outputs also asks the store this often, in case a signal was lost
 
 
-class UpstreamError(Exception):
-    """The upstream refused or failed (502); `message` is for a person and never holds upstream text."""
-
-    def __init__(self, code: str, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.code, self.message, self.retry_after = code, message, retry_after
-
-    def as_json(self) -> dict:
-        return {"code": self.code, "message": self.message}
-
-    def as_record(self) -> dict:
-        """As the store keeps it: with the upstream's advice on when to try again, if it gave any."""
-        return self.as_json() | ({"retry_after": self.retry_after} if self.retry_after else {})
-
-
-class UpstreamRateLimited(UpstreamError):
-    """503: the upstream is rate limiting."""
-
-
-class UpstreamTimeout(UpstreamError):
-    """504: the upstream took too long."""
-
-
-class ServiceStopping(Exception):
+class ServiceStopping(Unavailable):
     message = "the service is shutting down; try again shortly"
 
 

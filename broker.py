@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from errors import Unavailable
+
 TERMINAL = ("run.completed", "run.failed", "run.cancelled")
 UNLOGGED = ("presence", "typing")  # live only: no seq, never in the log, never replayed on resume
 
@@ -65,7 +67,7 @@ class Event:
         return json.loads(self.text)
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(Unavailable):
     """The shared broker (Redis) does not answer: live events cannot be joined right now."""
 
     message = "live events are unavailable right now; try again shortly"

@@ -20,6 +20,7 @@ from starlette.websockets import WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
 from broker import TERMINAL, UNLOGGED, Broker, BrokerUnavailable, CatchUp, Event, encode, presence_signal
+from errors import LimitReached
 
 log = logging.getLogger("gainz")
 
@@ -39,10 +40,9 @@ def counted(event: Event) -> int:
     return 0 if event.type in TERMINAL else len(event.text)
 
 
-class TooManySockets(Exception):
+class TooManySockets(LimitReached):
     def __init__(self, limit: int):
         super().__init__(f"at most {limit} sockets per user")
-        self.message = str(self)
 
 
 class Closed(Exception):

@@ -54,20 +54,17 @@ from api import (
     TypingFrame,
     describe,
 )
-from assistants import Engine, ServiceStopping, UpstreamError, UpstreamRateLimited, UpstreamTimeout
+from assistants import Engine, ServiceStopping
 from auth import JWT_SECRET_SETTING, JWTAuthMiddleware, JWTSettings, User, demo_tokens_banner, generate_secret
-from broker import TERMINAL, UNLOGGED, Broker, BrokerUnavailable, ResumeWindow, broker_for
-from hub import WS_THREAD_DELETED, Closed, Connection, Hub, TooManySockets
+from broker import TERMINAL, UNLOGGED, Broker, ResumeWindow, broker_for
+from errors import BadRequest, Forbidden, LimitReached, NotFound, RequestTimeout, ServiceError, TooLarge
+from hub import WS_THREAD_DELETED, Closed, Connection, Hub
 from metrics import MeasuredEvents, Metrics
 from offline_model import OfflineModel, serve_on_loopback
 from store import (
     DEFAULT_DATABASE_URL,
-    BadPage,
-    Conflict,
     DatabaseUnreachable,
-    LimitReached,
     Limits,
-    NotFound,
     Page,
     Store,
     Submission,
@@ -188,13 +185,9 @@ class Config:
 
 # ---------------------------------------------------------------- requests
 
-def bad_request(detail: str) -> HTTPException:
-    return HTTPException(status.HTTP_400_BAD_REQUEST, detail)
-
-
 async def read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length", "")
-    too_large = HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
+    too_large = TooLarge(f"body over {MAX_BODY_BYTES} bytes")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
     body = bytearray()
@@ -206,7 +199,7 @@ async def read_body(request: Request) -> bytes:
                 if len(body) > MAX_BODY_BYTES:
                     raise too_large
     except TimeoutError:
-        raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT, f"the body took over {seconds:g} s") from None
+        raise RequestTimeout(f"the body took over {seconds:g} s") from None
     return bytes(body)
 
 
@@ -217,7 +210,7 @@ async def parsed(request: Request, model: type[Body], optional: bool = False) ->
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
-        raise bad_request(describe(error)) from None
+        raise BadRequest(describe(error)) from None
 
 
 def path_param(request: Request | WebSocket, name: str) -> str:
@@ -225,7 +218,7 @@ def path_param(request: Request | WebSocket, name: str) -> str:
     not UTF-8, lone surrogates included)."""
     value = request.path_params[name]
     if "\x00" in value:
-        raise bad_request(f"{name}: {NUL_REFUSED}")
+        raise BadRequest(f"{name}: {NUL_REFUSED}")
     return value
 
 
@@ -233,7 +226,7 @@ def page_of(request: Request) -> Page:
     try:
         query = ListQuery.model_validate(dict(request.query_params))
     except ValidationError as error:
-        raise bad_request(describe(error)) from None
+        raise BadRequest(describe(error)) from None
     return Page(query.limit, query.after, query.before, query.order)
 
 
@@ -259,7 +252,7 @@ def services(connection: Request | WebSocket) -> Services:
 async def chosen_assistants(request: Request | WebSocket, sub: str, body: RunRequest) -> tuple[list, int]:
     """The assistants named, and how many rounds they answer in."""
     if body.rounds > (most := services(request).config.max_rounds):
-        raise bad_request(f"rounds: at most {most}")
+        raise BadRequest(f"rounds: at most {most}")
     store = services(request).store
     return [await store.find_assistant(sub, name) for name in body.names(DEFAULT_ASSISTANT)], body.rounds
 
@@ -385,7 +378,7 @@ async def owned_thread(request: Request):
     """The thread, for its owner; a member gets 403, anyone else the same 404 as for no thread."""
     thread = await visible_thread(request)
     if thread.owner != request.user.sub:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "only the thread's owner may do this")
+        raise Forbidden("only the thread's owner may do this")
     return thread
 
 
@@ -554,7 +547,7 @@ def resume_point(value: str | None) -> int | None:
     if value is None:
         return None
     if not re.fullmatch(r"[0-9]{1,20}", value):
-        raise bad_request("after / Last-Event-ID: a seq, the number of the last event received")
+        raise BadRequest("after / Last-Event-ID: a seq, the number of the last event received")
     return int(value)
 
 
@@ -575,16 +568,15 @@ async def post_tool_outputs(request: Request) -> JSONResponse:
 # ---------------------------------------------------------------- WebSocket
 
 async def thread_socket(websocket: WebSocket) -> None:
+    """A refusal before the handshake is accepted (no such thread, a bad `after`, too many sockets, no
+    broker) raises, and `service_error` answers it as it would a request: an HTTP denial response."""
     app, user = services(websocket), websocket.scope["user"]
-    try:
-        thread = await visible_thread(websocket)
-        after = resume_point(websocket.query_params.get("after"))
-        async with app.hub.joined(thread.id, user.sub, after=after,
-                                  socket_limit=app.config.max_sockets_per_user) as connection:
-            with app.metrics.sockets_open.track_inprogress():
-                close_code = await serve_socket(websocket, connection, user, app)
-    except (NotFound, TooManySockets, BrokerUnavailable, HTTPException) as error:  # before the handshake is accepted
-        return await websocket.send_denial_response(await handle_error(websocket, error))
+    thread = await visible_thread(websocket)
+    after = resume_point(websocket.query_params.get("after"))
+    async with app.hub.joined(thread.id, user.sub, after=after,
+                              socket_limit=app.config.max_sockets_per_user) as connection:
+        with app.metrics.sockets_open.track_inprogress():
+            close_code = await serve_socket(websocket, connection, user, app)
     if close_code is not None:
         # Best effort: a socket that stopped reading may never take the close frame.
         with contextlib.suppress(Exception):
@@ -612,47 +604,38 @@ async def serve_socket(websocket: WebSocket, connection: Connection, user: User,
 
 async def read_frames(websocket: WebSocket, connection: Connection, thread_id: str, sub: str,
                       app: "Services") -> None:
-    def reply_error(code: str, message: str, retry_after: float | None = None) -> None:
-        error = {"code": code, "message": message} | ({"retry_after": retry_after} if retry_after else {})
-        connection.note({"type": "error", "error": error})
-
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             return
-        text = message.get("text")
-        if text is None:
-            reply_error("invalid_frame", "binary frames are not supported: send JSON text")
-            continue
-        if len(text) > MAX_FRAME_CHARS:
-            reply_error("invalid_frame", f"frame over {MAX_FRAME_CHARS} characters")
-            continue
         try:
-            frame = Frame.validate_json(text)
-            if isinstance(frame, TypingFrame):
-                await app.hub.typing(connection)
-            elif isinstance(frame, CancelFrame):
-                await app.engine.cancel(thread_id, frame.run_id, sub)
-            elif isinstance(frame, ToolOutputsFrame):
-                await app.engine.answer_tool_calls(thread_id, frame.run_id, frame.pairs())
-            else:
-                content = frame.content if isinstance(frame, MessageFrame) else None
-                run = not isinstance(frame, MessageFrame) or frame.run
-                assistants, rounds = await chosen_assistants(websocket, sub, frame) if run else ([], 1)
-                await app.engine.submit(thread_id, sub, content, assistants, rounds)
-        except ValidationError as error:
-            reply_error("invalid_frame", describe(error, tagged=True))
-        except HTTPException as error:
-            reply_error("invalid_frame", error.detail)
-        except NotFound as error:
-            reply_error("not_found", error.message)
-        except Conflict as error:
-            reply_error("conflict", error.message)
-        except LimitReached as error:
-            app.metrics.limit_hit(thread_socket)
-            reply_error("limit_reached", error.message, error.retry_after)
-        except ServiceStopping as error:
-            reply_error("unavailable", error.message)
+            await answer_frame(websocket, message.get("text"), thread_id, sub, app, connection)
+        except ServiceError as error:  # as REST answers it, but to this client alone and the socket stays open
+            count_limit_hit(websocket, error)
+            connection.note({"type": "error", "error": error_frame(error)})
+
+
+async def answer_frame(websocket: WebSocket, text: str | None, thread_id: str, sub: str, app: "Services",
+                       connection: Connection) -> None:
+    if text is None:
+        raise BadRequest("binary frames are not supported: send JSON text")
+    if len(text) > MAX_FRAME_CHARS:
+        raise TooLarge(f"frame over {MAX_FRAME_CHARS} characters")
+    try:
+        frame = Frame.validate_json(text)
+    except ValidationError as error:
+        raise BadRequest(describe(error, tagged=True)) from None
+    if isinstance(frame, TypingFrame):
+        await app.hub.typing(connection)
+    elif isinstance(frame, CancelFrame):
+        await app.engine.cancel(thread_id, frame.run_id, sub)
+    elif isinstance(frame, ToolOutputsFrame):
+        await app.engine.answer_tool_calls(thread_id, frame.run_id, frame.pairs())
+    else:
+        content = frame.content if isinstance(frame, MessageFrame) else None
+        run = not isinstance(frame, MessageFrame) or frame.run
+        assistants, rounds = await chosen_assistants(websocket, sub, frame) if run else ([], 1)
+        await app.engine.submit(thread_id, sub, content, assistants, rounds)
 
 
 # ---------------------------------------------------------------- errors
@@ -661,30 +644,31 @@ def error_response(status_code: int, detail: str, headers: Mapping[str, str] | N
     return JSONResponse({"detail": detail}, status_code, headers=headers)
 
 
-def retry_after(seconds: float | None) -> dict | None:
-    return {"Retry-After": str(max(1, round(seconds)))} if seconds else None
+def error_frame(error: ServiceError) -> dict:
+    retry_after = {"retry_after": error.retry_after} if error.retry_after else {}
+    return {"code": error.frame_code, "message": error.message} | retry_after
 
 
-async def handle_error(request: Request | WebSocket, error: Exception) -> Response:
-    """The one table from the service's errors to HTTP answers."""
-    if isinstance(error, HTTPException):
-        return error_response(error.status_code, error.detail, error.headers)
-    if isinstance(error, BadPage):
-        return error_response(status.HTTP_400_BAD_REQUEST, error.message)
-    if isinstance(error, NotFound):
-        return error_response(status.HTTP_404_NOT_FOUND, error.message)
-    if isinstance(error, Conflict):
-        return error_response(status.HTTP_409_CONFLICT, error.message)
-    if isinstance(error, (LimitReached, TooManySockets)):
-        services(request).metrics.limit_hit(request.scope.get("endpoint"))
-        return error_response(status.HTTP_429_TOO_MANY_REQUESTS, error.message,
-                              retry_after(getattr(error, "retry_after", None)))
-    if isinstance(error, (ServiceStopping, BrokerUnavailable)):
-        return error_response(status.HTTP_503_SERVICE_UNAVAILABLE, error.message, retry_after(5))
-    if isinstance(error, UpstreamError):
-        code = {UpstreamRateLimited: status.HTTP_503_SERVICE_UNAVAILABLE,
-                UpstreamTimeout: status.HTTP_504_GATEWAY_TIMEOUT}.get(type(error), status.HTTP_502_BAD_GATEWAY)
-        return error_response(code, error.message, retry_after(error.retry_after))
+def count_limit_hit(connection: Request | WebSocket, error: ServiceError) -> None:
+    if isinstance(error, LimitReached):
+        services(connection).metrics.limit_hit(connection.scope.get("endpoint"))
+
+
+async def service_error(connection: Request | WebSocket, error: ServiceError) -> Response:
+    """Every error the service raises, answered with the status its class names; Starlette finds this handler
+    for each subclass, and answers a refused socket handshake with it too."""
+    count_limit_hit(connection, error)
+    seconds = error.retry_after
+    headers = {"Retry-After": str(max(1, round(seconds)))} if seconds else None
+    return error_response(error.status, error.message, headers)
+
+
+async def http_error(request: Request, error: HTTPException) -> Response:
+    """Starlette's own: an unknown route (404) or method (405)."""
+    return error_response(error.status_code, error.detail, error.headers)
+
+
+async def internal_error(request: Request, error: Exception) -> Response:
     return error_response(status.HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
 
 
@@ -888,7 +872,8 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
                                         allow_methods=["GET", "POST", "PATCH", "DELETE"],
                                         allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
                                         expose_headers=["Retry-After"], max_age=600))
-    handlers: dict[Any, Any] = {Exception: handle_error, ClientDisconnect: client_left}
+    handlers: dict[Any, Any] = {ServiceError: service_error, HTTPException: http_error, ClientDisconnect: client_left,
+                                Exception: internal_error}
     return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
@@ -918,9 +903,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
             WebSocketRoute("/threads/{thread_id}/ws", thread_socket),
         ],
         middleware=middleware,
-        exception_handlers=handlers | {kind: handle_error for kind in (
-            HTTPException, BadPage, NotFound, Conflict, LimitReached, TooManySockets, ServiceStopping,
-            BrokerUnavailable, UpstreamError)},
+        exception_handlers=handlers,
         lifespan=lifespan_for(config, jwt_settings, Metrics()),
     )
 
