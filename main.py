@@ -588,7 +588,7 @@ async def serve_socket(websocket: WebSocket, connection: Connection, user: User,
     close code to send (None when the client left)."""
     await websocket.accept(subprotocol=websocket.scope.get("auth_subprotocol"))
     writer = connection.start_writer(websocket.send_text)
-    reader = asyncio.create_task(read_frames(websocket, connection, connection.thread_id, user.sub, app))
+    reader = asyncio.create_task(read_frames(websocket, connection, app))
     try:
         async with asyncio.timeout(max(0.0, user.expires_at - time.time())):
             await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)
@@ -602,21 +602,20 @@ async def serve_socket(websocket: WebSocket, connection: Connection, user: User,
     return connection.close_code
 
 
-async def read_frames(websocket: WebSocket, connection: Connection, thread_id: str, sub: str,
-                      app: "Services") -> None:
+async def read_frames(websocket: WebSocket, connection: Connection, app: "Services") -> None:
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             return
         try:
-            await answer_frame(websocket, message.get("text"), thread_id, sub, app, connection)
+            await answer_frame(websocket, connection, message.get("text"), app)
         except ServiceError as error:  # as REST answers it, but to this client alone and the socket stays open
             count_limit_hit(websocket, error)
             connection.note({"type": "error", "error": error_frame(error)})
 
 
-async def answer_frame(websocket: WebSocket, text: str | None, thread_id: str, sub: str, app: "Services",
-                       connection: Connection) -> None:
+async def answer_frame(websocket: WebSocket, connection: Connection, text: str | None, app: "Services") -> None:
+    thread_id, sub = connection.thread_id, connection.sub
     if text is None:
         raise BadRequest("binary frames are not supported: send JSON text")
     if len(text) > MAX_FRAME_CHARS:

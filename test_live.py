@@ -1081,7 +1081,8 @@ async def test_sigterm_lets_the_run_finish_then_closes_sockets_with_1001_and_the
             streamed = [item for item in await sse_rest(events) if isinstance(item, dict)]  # it ended too
     assert code == 1001
     if mid_run:
-        assert [frame["error"]["code"] for frame in frames if frame["type"] == "error"] == ["unavailable"]
+        errors = [frame["error"] for frame in frames if frame["type"] == "error"]
+        assert [(error["code"], error.get("retry_after")) for error in errors] == [("unavailable", 5)]  # as over REST
         events = [frame for frame in frames if "seq" in frame]
         assert events[-1]["type"] == "run.completed"  # the run finished before the socket closed
         reply = check_run(events[1:])
