@@ -8,6 +8,7 @@ them, except under CI (the environment variable CI set), where they fail instead
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import resource
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parent
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 FRAME_TIMEOUT = 10
+TEST_JWT = JWTSettings(secret=TEST_SECRET)
 
 
 def require(available: bool, what: str) -> None:
@@ -60,6 +62,16 @@ def anyio_backend():
     return "asyncio"
 
 
+def authorization(token: str) -> dict:
+    """Headers carrying this very token."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def bearer(sub: str, settings: JWTSettings = TEST_JWT) -> dict:
+    """Headers carrying a fresh token for `sub`, signed with the test secret (or `settings`)."""
+    return authorization(settings.mint(sub))
+
+
 @pytest.fixture
 def jwt_settings() -> JWTSettings:
     return JWTSettings(secret=TEST_SECRET)
@@ -68,7 +80,7 @@ def jwt_settings() -> JWTSettings:
 @pytest.fixture
 def auth(jwt_settings):
     """auth("alice") -> headers carrying a valid token for alice."""
-    return lambda sub: {"Authorization": f"Bearer {jwt_settings.mint(sub)}"}
+    return lambda sub: bearer(sub, jwt_settings)
 
 
 # Tests post far faster than a person: the message rate is tested where it is set on purpose.
@@ -165,9 +177,7 @@ class LiveService:
         return response.json()["id"]
 
     async def messages(self, auth, thread_id: str, sub: str = "alice") -> list[dict]:
-        response = await self.http.get(f"/threads/{thread_id}/messages", headers=auth(sub))
-        assert response.status_code == 200, response.text
-        return response.json()["data"]
+        return await thread_messages(self.http, thread_id, auth(sub))
 
     def socket_url(self, thread_id: str, query: str = "") -> str:
         return f"{self.ws_url}/threads/{thread_id}/ws{query}"
@@ -230,12 +240,41 @@ def join(opened, jwt_settings):
     return join_thread
 
 
-async def eventually(condition, timeout: float = 5.0) -> bool:
-    """Server-side cleanup has no event to await: poll it, with a deadline."""
+async def thread_messages(http, thread_id: str, headers: dict, url: str = "") -> list[dict]:
+    """A thread's messages over HTTP (`url`: the server's, when `http` has no base URL)."""
+    response = await http.get(f"{url}/threads/{thread_id}/messages", headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+# ---------------------------------------------------------------- polling: state with no event to await
+
+ANYTHING_TRUE = object()
+
+
+async def polled(ask, wanted=ANYTHING_TRUE, timeout: float = 5.0, interval: float = 0.01):
+    """`ask()` (a function or a coroutine function) again and again until it answers `wanted` (by default,
+    anything true), or the time is up; its last answer."""
     deadline = time.monotonic() + timeout
-    while not (met := condition()) and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    return met
+    while True:
+        answer = ask()
+        if inspect.isawaitable(answer):
+            answer = await answer
+        if (bool(answer) if wanted is ANYTHING_TRUE else answer == wanted) or time.monotonic() >= deadline:
+            return answer
+        await asyncio.sleep(interval)
+
+
+async def eventually(condition, timeout: float = 5.0):
+    """Server-side cleanup has no event to await: poll it, with a deadline; the condition's last answer."""
+    return await polled(condition, timeout=timeout)
+
+
+async def until(condition, timeout: float = 30.0):
+    """Polls a condition (server state seen over HTTP) until it holds, failing the test past the deadline."""
+    answer = await polled(condition, timeout=timeout, interval=0.05)
+    assert answer, "timed out"
+    return answer
 
 
 async def next_frame(ws, timeout: float = FRAME_TIMEOUT, skip: tuple[str, ...] = UNLOGGED) -> dict:
@@ -281,23 +320,48 @@ def assert_seq_grows_by_one(frames: list[dict]) -> None:
     assert seqs == sorted(set(seqs)), seqs
 
 
-async def sse_events(response) -> list[dict]:
-    """The events of a Server-Sent Events body: each `data:` payload, checked against its `event:` and
-    `id:` lines (the id is the event's seq)."""
-    events, fields = [], {}
+async def sse_stream(response):
+    """Each thread event of a Server-Sent Events body as it arrives (a dict, checked against its `event:` and
+    `id:` lines: the id is its seq), and each comment line (a str, such as ': keep-alive'); `presence` and
+    `typing`, which have no id, are skipped (see next_frame)."""
+    fields = {}
     async for line in response.aiter_lines():
-        if not line:
-            if "data" in fields:
-                event = json.loads(fields["data"])
-                assert event["type"] == fields["event"]
-                assert "id" not in fields or int(fields["id"]) == event["seq"]
-                if event["type"] not in UNLOGGED:  # presence and typing: see next_frame
-                    events.append(event)
-            fields = {}
-        elif not line.startswith(":"):
+        if line.startswith(":"):
+            yield line
+        elif line:
             name, _, value = line.partition(":")
             fields[name] = value.strip()
+        else:
+            if "data" in fields:
+                event = json.loads(fields["data"])
+                assert event["type"] == fields["event"], fields
+                if event["type"] not in UNLOGGED:
+                    assert int(fields["id"]) == event["seq"], fields
+                    yield event
+            fields = {}
+
+
+async def sse_events(response) -> list[dict]:
+    """Every thread event of a Server-Sent Events body, to its end (comments left out)."""
+    return [item async for item in sse_stream(response) if isinstance(item, dict)]
+
+
+async def sse_until(stream, last_type: str, count: int = 1) -> list[dict]:
+    """Events (comments skipped) up to and including the `count`-th event of type `last_type`."""
+    events = []
+    while count:
+        item = await asyncio.wait_for(anext(stream), FRAME_TIMEOUT)
+        if isinstance(item, dict):
+            events.append(item)
+            count -= item["type"] == last_type
     return events
+
+
+async def sse_rest(stream) -> list:
+    """Everything until the server ends the stream."""
+    async def drain():
+        return [item async for item in stream]
+    return await asyncio.wait_for(drain(), FRAME_TIMEOUT)
 
 
 def writer_tasks() -> set[asyncio.Task]:

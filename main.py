@@ -32,7 +32,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from swagger_ui_bundle import swagger_ui_path
@@ -40,17 +40,30 @@ from swagger_ui_bundle import swagger_ui_path
 import openapi
 from api import (
     NUL_REFUSED,
+    Assistant,
+    AssistantList,
     CancelFrame,
+    Cancelling,
     Frame,
+    Health,
     ListQuery,
     MessageFrame,
+    MessageList,
     NewAssistant,
     NewMessage,
     NewThread,
+    NotReady,
+    PresenceList,
     RunRequest,
+    Runs,
+    Thread,
     ThreadChange,
+    ThreadList,
+    ToolList,
     ToolOutputs,
+    ToolOutputsAccepted,
     ToolOutputsFrame,
+    Turn,
     TypingFrame,
     describe,
 )
@@ -61,6 +74,7 @@ from errors import BadRequest, Forbidden, LimitReached, NotFound, RequestTimeout
 from hub import WS_THREAD_DELETED, Closed, Connection, Hub
 from metrics import MeasuredEvents, Metrics
 from offline_model import OfflineModel, serve_on_loopback
+from openapi import ApiRoute
 from store import (
     DEFAULT_DATABASE_URL,
     DatabaseUnreachable,
@@ -79,8 +93,6 @@ Body = TypeVar("Body", bound=BaseModel)
 DEMO_PAGE = (Path(__file__).resolve().parent / "demo.html").read_text()
 DEMO_TOKENS_SLOT = '<script id="demo-tokens" type="application/json">null</script>'
 FORWARDING_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip", b"x-forwarded-host"})
-PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/"),
-                           ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/*")})
 DEFAULT_ASSISTANT = "assistant"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant."
 MAX_BODY_BYTES = 256 * 1024
@@ -858,6 +870,66 @@ def lifespan_for(config: Config, given_jwt: JWTSettings | None, metrics: Metrics
     return lifespan
 
 
+# ---------------------------------------------------------------- the route table
+
+# Every HTTP route with what it takes and answers: the OpenAPI document is derived from this table alone.
+ROUTES = [
+    ApiRoute("GET", "/health", health, "Is the service up", {200: Health}, public=True),
+    ApiRoute("GET", "/ready", ready, "Do the database (and Redis, where configured) answer",
+             {200: Health, 503: NotReady}, public=True),
+    ApiRoute("GET", "/metrics", metrics_page, "This process's metrics, in Prometheus's text format", {200: None},
+             public=True, content_type="text/plain"),
+    ApiRoute("GET", "/", demo_page, "The demo page", {200: None}, public=True, content_type="text/html"),
+    ApiRoute("GET", "/openapi.json", openapi_document, "This document", {200: None}, public=True,
+             content_type="application/json"),
+    ApiRoute("GET", "/docs", docs_page, "This document, to read and try in a browser", {200: None}, public=True,
+             content_type="text/html"),
+    Mount("/docs", StaticFiles(directory=swagger_ui_path), name="docs_assets"),
+    ApiRoute("GET", "/tools", list_tools, "The server tools an assistant may be given by name", {200: ToolList}),
+    ApiRoute("GET", "/assistants", list_assistants, "The assistants the caller may use (shared and own), oldest first",
+             {200: AssistantList}, listing=True, errors=(400,)),
+    ApiRoute("POST", "/assistants", create_assistant,
+             "Create the caller's assistant, or load it by name (never modified)",
+             {201: Assistant, 200: Assistant}, body=NewAssistant, errors=(400, 413, 429)),
+    ApiRoute("GET", "/assistants/{assistant}", get_assistant, "One assistant, by id or name", {200: Assistant},
+             errors=(404,)),
+    ApiRoute("DELETE", "/assistants/{assistant}", delete_assistant, "Delete one of the caller's own assistants",
+             {204: None}, errors=(404,)),
+    ApiRoute("GET", "/threads", list_threads,
+             "The caller's threads (owned or shared with them), most recently updated first",
+             {200: ThreadList}, listing=True, errors=(400,)),
+    ApiRoute("POST", "/threads", create_thread, "Start a thread", {201: Thread}, body=NewThread, body_optional=True,
+             errors=(400, 413, 429)),
+    ApiRoute("GET", "/threads/{thread_id}", get_thread, "One thread", {200: Thread}, errors=(404,)),
+    ApiRoute("PATCH", "/threads/{thread_id}", change_thread, "Change the members or title (owner only)",
+             {200: Thread}, body=ThreadChange, errors=(400, 403, 404, 413)),
+    ApiRoute("DELETE", "/threads/{thread_id}", delete_thread, "Delete the thread and its messages (owner only)",
+             {204: None}, errors=(403, 404)),
+    ApiRoute("GET", "/threads/{thread_id}/messages", list_messages, "The thread's messages, oldest first",
+             {200: MessageList}, listing=True, errors=(400, 404)),
+    ApiRoute("POST", "/threads/{thread_id}/messages", post_message,
+             "Post a message and run the assistant(s) on the thread; answers once every run has ended",
+             {201: Turn}, body=NewMessage, streams=True, errors=openapi.RUNS),
+    ApiRoute("POST", "/threads/{thread_id}/runs", start_runs,
+             "Run the assistant(s) on the thread without a new message", {200: Runs}, body=RunRequest,
+             body_optional=True, streams=True, errors=openapi.RUNS),
+    ApiRoute("POST", "/threads/{thread_id}/runs/{run_id}/cancel", cancel_run, "Stop a run; it ends in run.cancelled",
+             {202: Cancelling}, errors=(404, 409)),
+    ApiRoute("POST", "/threads/{thread_id}/runs/{run_id}/tool_outputs", post_tool_outputs,
+             "Answer a run's client tool calls (the first answer to a call wins); the run goes on once all are",
+             {200: ToolOutputsAccepted}, body=ToolOutputs, errors=(400, 404, 409, 413)),
+    ApiRoute("GET", "/threads/{thread_id}/events", thread_events,
+             "The thread's live events as Server-Sent Events, from thread.joined on; resume with Last-Event-ID",
+             {200: None}, content_type="text/event-stream", errors=(400, 404, 429),
+             headers={"Last-Event-ID": "resume after this seq"}),
+    ApiRoute("GET", "/threads/{thread_id}/presence", thread_presence,
+             "Who is connected to the thread now (sockets and event streams, service-wide)", {200: PresenceList},
+             errors=(404,)),
+    WebSocketRoute("/threads/{thread_id}/ws", thread_socket),
+]
+PUBLIC_ROUTES = openapi.public_routes(ROUTES)
+
+
 def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = None) -> Starlette:
     """`jwt_settings` None: from the environment at start-up, the secret generated once and kept in the
     database when JWT_SECRET_KEY is unset."""
@@ -874,33 +946,7 @@ def create_app(config: Config | None = None, jwt_settings: JWTSettings | None = 
     handlers: dict[Any, Any] = {ServiceError: service_error, HTTPException: http_error, ClientDisconnect: client_left,
                                 Exception: internal_error}
     return Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/ready", ready, methods=["GET"]),
-            Route("/metrics", metrics_page, methods=["GET"]),
-            Route("/", demo_page, methods=["GET"]),
-            Route("/openapi.json", openapi_document, methods=["GET"]),
-            Route("/docs", docs_page, methods=["GET"]),
-            Mount("/docs", StaticFiles(directory=swagger_ui_path), name="docs_assets"),
-            Route("/tools", list_tools, methods=["GET"]),
-            Route("/assistants", list_assistants, methods=["GET"]),
-            Route("/assistants", create_assistant, methods=["POST"]),
-            Route("/assistants/{assistant}", get_assistant, methods=["GET"]),
-            Route("/assistants/{assistant}", delete_assistant, methods=["DELETE"]),
-            Route("/threads", list_threads, methods=["GET"]),
-            Route("/threads", create_thread, methods=["POST"]),
-            Route("/threads/{thread_id}", get_thread, methods=["GET"]),
-            Route("/threads/{thread_id}", change_thread, methods=["PATCH"]),
-            Route("/threads/{thread_id}", delete_thread, methods=["DELETE"]),
-            Route("/threads/{thread_id}/messages", list_messages, methods=["GET"]),
-            Route("/threads/{thread_id}/messages", post_message, methods=["POST"]),
-            Route("/threads/{thread_id}/runs", start_runs, methods=["POST"]),
-            Route("/threads/{thread_id}/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
-            Route("/threads/{thread_id}/runs/{run_id}/tool_outputs", post_tool_outputs, methods=["POST"]),
-            Route("/threads/{thread_id}/events", thread_events, methods=["GET"]),
-            Route("/threads/{thread_id}/presence", thread_presence, methods=["GET"]),
-            WebSocketRoute("/threads/{thread_id}/ws", thread_socket),
-        ],
+        routes=ROUTES,
         middleware=middleware,
         exception_handlers=handlers,
         lifespan=lifespan_for(config, jwt_settings, Metrics()),

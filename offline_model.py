@@ -57,6 +57,17 @@ class WireJSONResponse(JSONResponse):
         return json.dumps(content).encode()
 
 
+def numbered_frames():
+    """frame(type, **fields) -> one Server-Sent Event of a response's stream, numbered in order, as OpenAI sends it."""
+    sequence = itertools.count()
+
+    def frame(event_type: str, **fields) -> str:
+        data = {"type": event_type, "sequence_number": next(sequence), **fields}
+        return f"event: {event_type}\ndata: {json.dumps(data)}\n\n"
+
+    return frame
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
@@ -211,13 +222,8 @@ class OfflineModel:
 
     async def _stream_calls(self, response, calls, usage):
         """A response that calls functions, as OpenAI streams it: each call item, its arguments in deltas."""
-        sequence = itertools.count()
+        frame = numbered_frames()
         self.streams_open += 1
-
-        def frame(event_type: str, **fields) -> str:
-            data = {"type": event_type, "sequence_number": next(sequence), **fields}
-            return f"event: {event_type}\ndata: {json.dumps(data)}\n\n"
-
         try:
             yield frame("response.created", response=response)
             yield frame("response.in_progress", response=response)
@@ -247,13 +253,8 @@ class OfflineModel:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
     async def _stream(self, response, reply, usage, fault):
-        sequence = itertools.count()
+        frame = numbered_frames()
         self.streams_open += 1
-
-        def frame(event_type: str, **fields) -> str:
-            data = {"type": event_type, "sequence_number": next(sequence), **fields}
-            return f"event: {event_type}\ndata: {json.dumps(data)}\n\n"
-
         try:
             yield frame("response.created", response=response)
             yield frame("response.in_progress", response=response)

@@ -1,42 +1,21 @@
-"""The OpenAPI 3.1 document of the API, built from the route table (main.py) and the models (api.py).
+"""The OpenAPI 3.1 document of the API, derived from the route table (main.py) and the models (api.py).
 
-Each route's entry below says what it takes and answers; `document` checks the two against each other, so a
-route without an entry (or an entry without a route) fails loudly instead of going undocumented. WebSocket
-routes have no place in OpenAPI: the document's description points to the README for them. Every parameter
-and body carries an example, and main.py adds the server asked, so that a client generated from the document
-works as it is; `/docs` shows it in Swagger UI.
+Each HTTP route in the table is an `ApiRoute`, which says next to its path what it takes and answers; an
+undocumented HTTP route fails loudly when the document is made. WebSocket routes have no place in OpenAPI:
+the document's description points to the README for them. Every parameter and body carries an example, and
+main.py adds the server asked, so that a client generated from the document works as it is; `/docs` shows it
+in Swagger UI.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
 
-from api import (
-    Assistant,
-    AssistantList,
-    Cancelling,
-    Error,
-    Health,
-    ListQuery,
-    MessageList,
-    NewAssistant,
-    NewMessage,
-    NewThread,
-    NotReady,
-    PresenceList,
-    RunRequest,
-    Runs,
-    Thread,
-    ThreadChange,
-    ThreadList,
-    ToolList,
-    ToolOutputs,
-    ToolOutputsAccepted,
-    Turn,
-)
+from api import Error, ListQuery, NewAssistant, NewMessage, NewThread, RunRequest, ThreadChange, ToolOutputs
 
 ERRORS = {
     400: "malformed JSON or an invalid field (the detail names it)",
@@ -93,54 +72,24 @@ class Operation:
 
 
 RUNS = (400, 404, 413, 429, 502, 503, 504)
-OPERATIONS = {
-    ("GET", "/health"): Operation("Is the service up", {200: Health}, public=True),
-    ("GET", "/ready"): Operation("Do the database (and Redis, where configured) answer", {200: Health, 503: NotReady},
-                                 public=True),
-    ("GET", "/metrics"): Operation("This process's metrics, in Prometheus's text format", {200: None}, public=True,
-                                   content_type="text/plain"),
-    ("GET", "/"): Operation("The demo page", {200: None}, public=True, content_type="text/html"),
-    ("GET", "/openapi.json"): Operation("This document", {200: None}, public=True, content_type="application/json"),
-    ("GET", "/docs"): Operation("This document, to read and try in a browser", {200: None}, public=True,
-                                content_type="text/html"),
-    ("GET", "/tools"): Operation("The server tools an assistant may be given by name", {200: ToolList}),
-    ("GET", "/assistants"): Operation("The assistants the caller may use (shared and own), oldest first",
-                                      {200: AssistantList}, listing=True, errors=(400,)),
-    ("POST", "/assistants"): Operation("Create the caller's assistant, or load it by name (never modified)",
-                                       {201: Assistant, 200: Assistant}, body=NewAssistant, errors=(400, 413, 429)),
-    ("GET", "/assistants/{assistant}"): Operation("One assistant, by id or name", {200: Assistant}, errors=(404,)),
-    ("DELETE", "/assistants/{assistant}"): Operation("Delete one of the caller's own assistants", {204: None},
-                                                     errors=(404,)),
-    ("GET", "/threads"): Operation("The caller's threads (owned or shared with them), most recently updated first",
-                                   {200: ThreadList}, listing=True, errors=(400,)),
-    ("POST", "/threads"): Operation("Start a thread", {201: Thread}, body=NewThread, body_optional=True,
-                                    errors=(400, 413, 429)),
-    ("GET", "/threads/{thread_id}"): Operation("One thread", {200: Thread}, errors=(404,)),
-    ("PATCH", "/threads/{thread_id}"): Operation("Change the members or title (owner only)", {200: Thread},
-                                                 body=ThreadChange, errors=(400, 403, 404, 413)),
-    ("DELETE", "/threads/{thread_id}"): Operation("Delete the thread and its messages (owner only)", {204: None},
-                                                  errors=(403, 404)),
-    ("GET", "/threads/{thread_id}/messages"): Operation("The thread's messages, oldest first", {200: MessageList},
-                                                        listing=True, errors=(400, 404)),
-    ("POST", "/threads/{thread_id}/messages"): Operation(
-        "Post a message and run the assistant(s) on the thread; answers once every run has ended",
-        {201: Turn}, body=NewMessage, streams=True, errors=RUNS),
-    ("POST", "/threads/{thread_id}/runs"): Operation(
-        "Run the assistant(s) on the thread without a new message", {200: Runs}, body=RunRequest,
-        body_optional=True, streams=True, errors=RUNS),
-    ("POST", "/threads/{thread_id}/runs/{run_id}/cancel"): Operation(
-        "Stop a run; it ends in run.cancelled", {202: Cancelling}, errors=(404, 409)),
-    ("POST", "/threads/{thread_id}/runs/{run_id}/tool_outputs"): Operation(
-        "Answer a run's client tool calls (the first answer to a call wins); the run goes on once all are",
-        {200: ToolOutputsAccepted}, body=ToolOutputs, errors=(400, 404, 409, 413)),
-    ("GET", "/threads/{thread_id}/presence"): Operation(
-        "Who is connected to the thread now (sockets and event streams, service-wide)", {200: PresenceList},
-        errors=(404,)),
-    ("GET", "/threads/{thread_id}/events"): Operation(
-        "The thread's live events as Server-Sent Events, from thread.joined on; resume with Last-Event-ID",
-        {200: None}, content_type="text/event-stream", errors=(400, 404, 429),
-        headers={"Last-Event-ID": "resume after this seq"}),
-}
+
+
+class ApiRoute(Route):
+    """A route of the API with what it takes and answers, for the document: `ApiRoute(method, path, endpoint,
+    summary, answers, body=..., errors=...)`."""
+
+    def __init__(self, method: str, path: str, endpoint: Callable[..., Any], summary: str,
+                 answers: dict[int, type[BaseModel] | None], **details: Any):
+        super().__init__(path, endpoint, methods=[method])
+        self.method = method
+        self.operation = Operation(summary, answers, **details)
+
+
+def public_routes(routes: list) -> frozenset[tuple[str, str]]:
+    """(method, path) of the routes that need no token; a mounted folder's files as `path/*`."""
+    public = {(route.method, route.path) for route in routes if isinstance(route, ApiRoute) and route.operation.public}
+    return frozenset(public | {("GET", f"{route.path}/*") for route in routes if isinstance(route, Mount)})
+
 
 DESCRIPTION = """\
 OpenAI assistants behind a JWT-secured REST API and WebSocket; every reply streams, token by token, to
@@ -148,22 +97,26 @@ every client on its thread. The WebSocket `/threads/{thread_id}/ws` (not describ
 thread: see the README for its frames, close codes and how to resume with `?after=<seq>`."""
 
 
+def operations(routes: list) -> dict[tuple[str, str], Operation]:
+    """(method, path) -> what it takes and answers, for every HTTP route of the table."""
+    if undocumented := [route.path for route in routes if isinstance(route, Route) and not isinstance(route, ApiRoute)]:
+        raise RuntimeError(f"HTTP routes must be ApiRoutes, to be documented: {undocumented}")
+    return {(route.method, route.path): route.operation for route in routes if isinstance(route, ApiRoute)}
+
+
 def document(routes: list, version: str) -> dict:
     """The document for `routes` (the app's route table)."""
-    http_routes = [route for route in routes if isinstance(route, Route)]
-    documented = {(method, route.path) for route in http_routes for method in (route.methods or set()) - {"HEAD"}}
-    if missing := documented ^ set(OPERATIONS):
-        raise RuntimeError(f"routes and their documentation differ: {sorted(missing)}")
-    models = {model for operation in OPERATIONS.values()
+    table = operations(routes)
+    models = {model for operation in table.values()
               for model in [operation.body, *operation.answers.values()] if model is not None} | {Error}
     # Bodies are read as the request parses them; answers as the service writes them.
-    bodies = {operation.body for operation in OPERATIONS.values()}
+    bodies = {operation.body for operation in table.values()}
     keyed: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
         (model, "validation" if model in bodies else "serialization")
         for model in sorted(models, key=lambda model: model.__name__)]
     refs, definitions = models_json_schema(keyed, ref_template="#/components/schemas/{model}")
     paths: dict = {}
-    for (method, path), operation in OPERATIONS.items():
+    for (method, path), operation in table.items():
         paths.setdefault(path, {})[method.lower()] = _operation(method, path, operation, refs)
     websockets = [route.path for route in routes if isinstance(route, WebSocketRoute)]
     return {

@@ -35,6 +35,7 @@ from conftest import (
     next_frame,
     serve_live,
     services_of,
+    sse_events,
 )
 from main import DEFAULT_INSTRUCTIONS, MAX_BODY_BYTES, create_app
 from offline_model import FAULTS_AFTER_TEXT
@@ -154,25 +155,6 @@ async def hanging_run(service, ws, seen: list | None = None) -> str:
 
 async def cancel(service, auth, thread_id: str, run_id: str, sub: str = "alice"):
     return await service.http.post(f"/threads/{thread_id}/runs/{run_id}/cancel", headers=auth(sub))
-
-
-async def sse_events_with_ids(response) -> list[dict]:
-    """The events of a Server-Sent Events body, each required to carry `event:` = its type and
-    `id:` = its seq. (conftest.sse_events checks an id only when one is present.)"""
-    events, fields = [], {}
-    async for line in response.aiter_lines():
-        if line:
-            if not line.startswith(":"):
-                name, _, value = line.partition(":")
-                fields[name] = value.strip()
-            continue
-        if "data" in fields:
-            event = json.loads(fields["data"])
-            assert fields.get("event") == event["type"], fields
-            assert fields.get("id") == str(event["seq"]), fields
-            events.append(event)
-        fields = {}
-    return events
 
 
 def runs_of(events: list[dict]) -> list[list[dict]]:
@@ -955,7 +937,7 @@ async def test_a_post_streams_its_own_events_in_contract_order_and_no_one_elses(
         body = {"content": "stream it", "assistants": ["assistant", "second"]}
         async with live.http.stream("POST", f"/threads/{thread_id}/messages", json=body,
                                     headers=SSE | auth("alice")) as response:
-            return response.status_code, response.headers["content-type"], await sse_events_with_ids(response)
+            return response.status_code, response.headers["content-type"], await sse_events(response)
 
     streaming = asyncio.create_task(stream())
     await until(ws, message_created("stream it"), seen)

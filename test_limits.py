@@ -18,19 +18,13 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from auth import JWTSettings
-from conftest import TEST_SECRET, PeakMemory, ServerProcess, frames_until, next_frame
+from conftest import TEST_JWT, PeakMemory, ServerProcess, bearer, frames_until, next_frame, sse_stream
 from offline_model import OfflineModel, serve_on_loopback
 
 pytestmark = pytest.mark.anyio
-SETTINGS = JWTSettings(secret=TEST_SECRET)
 HEALTH_BOUND = 1.0  # seconds
 RUN_BOUND = 5.0  # seconds, for a reply of some twenty words
 RESUME_BOUND = 2.0  # seconds, for a socket and an event stream to resume, one after the other
-
-
-def bearer(sub: str) -> dict:
-    return {"Authorization": f"Bearer {SETTINGS.mint(sub)}"}
 
 
 def rss_mib(pid: int) -> float:
@@ -251,7 +245,7 @@ async def test_a_frame_far_over_the_limit_is_refused_before_it_is_read(shared, t
 async def test_no_token_reaches_the_log(servers, thread_of_alice):
     server = await servers()
     thread_id = await thread_of_alice(server)
-    query_token, header_token = SETTINGS.mint("carol"), SETTINGS.mint("alice")
+    query_token, header_token = TEST_JWT.mint("carol"), TEST_JWT.mint("alice")
     async with httpx2.AsyncClient(base_url=server.url, timeout=30) as http:
         assert (await http.get(f"/health?token={query_token}")).status_code == 200
         assert (await http.get(f"/threads?token={query_token}")).status_code == 401  # never taken over HTTP
@@ -273,7 +267,7 @@ async def test_a_client_leaving_mid_body_or_sending_bad_utf8_costs_one_log_line(
     server = await servers()
     thread_id = await thread_of_alice(server)
     _, writer = await raw_connection(server)
-    token = SETTINGS.mint("alice")
+    token = TEST_JWT.mint("alice")
     writer.write(f"POST /threads/{thread_id}/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
                  f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"content\": ".encode())
     await writer.drain()
@@ -295,7 +289,7 @@ async def test_a_body_trickled_in_is_cut_off(shared, thread_of_alice):
     thread_id = await thread_of_alice(server)
     reader, writer = await raw_connection(server)
     writer.write(f"POST /threads/{thread_id}/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                 f"{SETTINGS.mint('alice')}\r\nContent-Length: 100\r\n\r\n{{".encode())
+                 f"{TEST_JWT.mint('alice')}\r\nContent-Length: 100\r\n\r\n{{".encode())
     await writer.drain()
     started = time.monotonic()
     status_line = await asyncio.wait_for(reader.readline(), timeout=10)
@@ -352,11 +346,11 @@ async def sse_until_run_ends(http, thread_id: str, sub: str, ready: asyncio.Even
     events = []
     async with http.stream("GET", f"/threads/{thread_id}/events", headers=bearer(sub)) as response:
         assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
-                events.append(json.loads(line[5:]))
+        async for event in sse_stream(response):
+            if isinstance(event, dict):
+                events.append(event)
                 ready.set()
-                if events[-1]["type"] in ("run.completed", "run.failed", "run.cancelled"):
+                if event["type"] in ("run.completed", "run.failed", "run.cancelled"):
                     break
     return events
 
@@ -469,7 +463,7 @@ def stuck_event_stream(server, thread_id: str, sub: str) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
     sock.connect(("127.0.0.1", server.port))
     sock.sendall(f"GET /threads/{thread_id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                 f"{SETTINGS.mint(sub)}\r\n\r\n".encode())
+                 f"{TEST_JWT.mint(sub)}\r\n\r\n".encode())
     return sock
 
 

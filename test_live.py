@@ -35,11 +35,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import hub as hub_module
 import main
 from auth import JWTSettings
-from broker import UNLOGGED
 from conftest import (
     FRAME_TIMEOUT,
     TEST_SECRET,
     assert_seq_grows_by_one,
+    authorization,
     check_run,
     config_for,
     eventually,
@@ -47,6 +47,9 @@ from conftest import (
     next_frame,
     run_ends,
     serve_live,
+    sse_rest,
+    sse_stream,
+    sse_until,
     writer_tasks,
 )
 from main import MAX_FRAME_CHARS, create_app
@@ -78,16 +81,12 @@ async def slow(tmp_path_factory):
         yield service
 
 
-# ---------------------------------------------------------------- helpers (candidates for conftest)
-
-def bearer(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
-
+# ---------------------------------------------------------------- helpers
 
 async def open_socket(service, thread_id: str, token: str | None, opened: list, query: str = "", **kwargs):
     """A socket with this very token in its Authorization header (conftest's `join` mints its own; None:
     no header), and its thread.joined frame."""
-    headers = bearer(token) if token else {}
+    headers = authorization(token) if token else {}
     ws = await connect(service.socket_url(thread_id, query), additional_headers=headers, **kwargs)
     opened.append(ws)
     joined = await next_frame(ws)
@@ -180,44 +179,6 @@ def hub_is_empty(service) -> bool:
     return service.services.hub.threads == {} and service.services.broker.slots == {}
 
 
-async def sse_stream(response):
-    """Each thread event as it arrives (a dict, checked against its `event:` and `id:` lines), and each
-    comment line (a str, such as ': keep-alive'); `presence` and `typing`, which have no id, are skipped."""
-    fields = {}
-    async for line in response.aiter_lines():
-        if line.startswith(":"):
-            yield line
-        elif line:
-            name, _, value = line.partition(":")
-            fields[name] = value.strip()
-        else:
-            if "data" in fields:
-                event = json.loads(fields["data"])
-                assert event["type"] == fields["event"], fields
-                if event["type"] not in UNLOGGED:
-                    assert int(fields["id"]) == event["seq"], fields
-                    yield event
-            fields = {}
-
-
-async def sse_until(stream, last_type: str, count: int = 1) -> list[dict]:
-    """Events (comments skipped) up to and including the `count`-th event of type `last_type`."""
-    events = []
-    while count:
-        item = await asyncio.wait_for(anext(stream), FRAME_TIMEOUT)
-        if isinstance(item, dict):
-            events.append(item)
-            count -= item["type"] == last_type
-    return events
-
-
-async def sse_rest(stream) -> list:
-    """Everything until the server ends the stream."""
-    async def drain():
-        return [item async for item in stream]
-    return await asyncio.wait_for(drain(), FRAME_TIMEOUT)
-
-
 def events_path(thread_id: str) -> str:
     return f"/threads/{thread_id}/events"
 
@@ -306,11 +267,11 @@ async def test_refused_handshakes_answer_with_their_status(live, auth, jwt_setti
         (private, "", {}, 401),
         (private, "", {"Authorization": "Bearer not-a-token"}, 401),
         (private, "", {"Authorization": f"Bearer {expired}"}, 401),
-        ("thread_" + "0" * 24, "", bearer(alice), 404),
-        (private, "", bearer(jwt_settings.mint("bob")), 404),
-        (private, "?after=soon", bearer(alice), 400),
-        (private, "?after=-1", bearer(alice), 400),
-        (private, "?after=" + "9" * 21, bearer(alice), 400),
+        ("thread_" + "0" * 24, "", authorization(alice), 404),
+        (private, "", authorization(jwt_settings.mint("bob")), 404),
+        (private, "?after=soon", authorization(alice), 400),
+        (private, "?after=-1", authorization(alice), 400),
+        (private, "?after=" + "9" * 21, authorization(alice), 400),
     ]
     for thread_id, query, headers, status_code in cases:
         url = live.socket_url(thread_id, query)
@@ -322,7 +283,7 @@ async def test_refused_handshakes_answer_with_their_status(live, auth, jwt_setti
 async def test_token_in_header_subprotocol_or_query(live, auth, jwt_settings, opened):
     thread_id = await live.new_thread(auth)
     alice = jwt_settings.mint("alice")
-    opened.append(await connect(live.socket_url(thread_id), additional_headers=bearer(alice)))
+    opened.append(await connect(live.socket_url(thread_id), additional_headers=authorization(alice)))
     opened.append(by_subprotocol := await connect(live.socket_url(thread_id), subprotocols=["bearer", alice]))
     opened.append(await connect(live.socket_url(thread_id, f"?token={alice}")))
     assert by_subprotocol.subprotocol == "bearer"
@@ -407,7 +368,7 @@ async def connect_without_reading(server, thread_id: str, token: str):
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (url.hostname, url.port))
     return await connect(server.socket_url(thread_id), sock=sock, max_queue=1, compression=None,
-                         additional_headers=bearer(token))
+                         additional_headers=authorization(token))
 
 
 async def test_a_socket_that_stops_reading_delays_no_one_and_is_closed_past_its_bound(
@@ -648,7 +609,7 @@ async def test_a_quiet_event_stream_sends_keep_alives_and_ends_when_its_token_ex
     thread_id = await live.new_thread(auth)
     token = jwt_settings.mint("alice", hours=2 / 3600)
     expires_at = jwt.decode(token, options={"verify_signature": False})["exp"]
-    async with live.http.stream("GET", events_path(thread_id), headers=bearer(token)) as response:
+    async with live.http.stream("GET", events_path(thread_id), headers=authorization(token)) as response:
         assert response.status_code == 200
         items = await sse_rest(sse_stream(response))  # the server ends it
     assert time.time() >= expires_at - 0.1
@@ -934,7 +895,7 @@ async def test_nothing_is_left_behind_after_all_sorts_of_endings(make_app, auth,
         doomed = await server.new_thread(auth)
         short_lived = jwt_settings.mint("alice", hours=1 / 3600)
         expiring, _ = await open_socket(server, thread_id, short_lived, opened)
-        expiring_events = asyncio.create_task(read_event_stream(server.http, thread_id, bearer(short_lived)))
+        expiring_events = asyncio.create_task(read_event_stream(server.http, thread_id, authorization(short_lived)))
         closing, _ = await join(server, thread_id, "alice")
         dropping, _ = await join(server, thread_id, "alice")
         removed, _ = await join(server, thread_id, "bob")
@@ -1044,7 +1005,7 @@ async def test_a_socket_opened_once_the_service_has_closed_its_sockets_gets_1001
     async with serve_live(make_app(), ws=TrackedWebSockets) as server:
         thread_id = await server.new_thread(auth)
         await stops[0]()
-        async with connect(server.socket_url(thread_id), additional_headers=bearer(jwt_settings.mint("alice")),
+        async with connect(server.socket_url(thread_id), additional_headers=authorization(jwt_settings.mint("alice")),
                            close_timeout=1) as late:
             await eventually(lambda: late.close_code is not None)  # the service's own close, if any, comes first
             for connection in TrackedWebSockets.made:
@@ -1056,7 +1017,7 @@ async def test_a_socket_opened_once_the_service_has_closed_its_sockets_gets_1001
 async def test_sigterm_lets_the_run_finish_then_closes_sockets_with_1001_and_the_server_exits(
         servers, jwt_settings, mid_run):
     server = await servers({"OFFLINE_TOKEN_DELAY": "0.02"})
-    headers = bearer(jwt_settings.mint("alice"))
+    headers = authorization(jwt_settings.mint("alice"))
     async with httpx2.AsyncClient(base_url=server.url, timeout=10) as http:
         thread_id = (await http.post("/threads", headers=headers)).json()["id"]
         probe_id = (await http.post("/threads", headers=headers)).json()["id"]

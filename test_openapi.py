@@ -40,15 +40,13 @@ from starlette.routing import Route, WebSocketRoute
 
 import openapi
 from api import ListQuery
-from auth import JWTSettings
-from conftest import TEST_SECRET, config_for, serve_live
-from main import PUBLIC_ROUTES, create_app
+from conftest import TEST_JWT, TEST_SECRET, authorization, bearer, config_for, serve_live
+from main import PUBLIC_ROUTES, ROUTES, create_app
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 EXAMPLES = 25
 EVENT_STREAM_EXAMPLES = 6  # each one with a real thread stays open until its token expires, a second or two
-JWT = JWTSettings(secret=TEST_SECRET)
 
 
 @contextlib.contextmanager
@@ -80,19 +78,19 @@ def served_in_a_thread(app):
         thread.join(30)
 
 
-def bearer(sub: str, seconds: float | None = None) -> dict:
-    """A token for `sub`; `seconds`: one that expires that soon (an event stream ends at its token's expiry)."""
+def bearer_expiring(sub: str, seconds: float | None) -> dict:
+    """A token for `sub` that expires that soon (an event stream ends at its token's expiry); None: a usual one."""
     if seconds is None:
-        return {"Authorization": f"Bearer {JWT.mint(sub)}"}
+        return bearer(sub)
     token = jwt.encode({"sub": sub, "exp": int(time.time() + seconds) + 1}, TEST_SECRET, algorithm="HS256")
-    return {"Authorization": f"Bearer {token}"}
+    return authorization(token)
 
 
 @pytest.fixture(scope="module")
 def service_app(tmp_path_factory):
     config = config_for(tmp_path_factory.mktemp("openapi"), offline_token_delay=0,
                                   openai_timeout_seconds=5, openai_max_retries=0)
-    return create_app(config, JWT)
+    return create_app(config, TEST_JWT)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +207,7 @@ def test_no_query_parameter_may_be_null(document):
 
 
 def test_every_parameter_and_body_carries_an_example_that_the_service_accepts(document):
-    bodies = {(method, path): operation.body for (method, path), operation in openapi.OPERATIONS.items()}
+    bodies = {(method, path): operation.body for (method, path), operation in openapi.operations(ROUTES).items()}
     for method, path, operation in operations(document):
         for parameter in operation.get("parameters", []):
             assert "example" in parameter, (method, path, parameter["name"])
@@ -313,7 +311,7 @@ def strategy(operation):
     return st.one_of(positive, operation.as_strategy(GenerationMode.NEGATIVE))
 
 
-OPERATIONS = sorted(openapi.OPERATIONS)
+OPERATIONS = sorted(openapi.operations(ROUTES))
 
 
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{method} {path}" for method, path in OPERATIONS])
@@ -325,7 +323,7 @@ def test_fuzzed_requests_get_no_server_error_and_only_documented_answers(api_sch
               suppress_health_check=list(HealthCheck))
     @given(strategy(api_schema[path][method]))
     def fuzz(case):
-        headers = bearer("alice", seconds=1 if streams_events else None)
+        headers = bearer_expiring("alice", 1 if streams_events else None)
         response = case.call(headers=headers, timeout=30)
         statuses.add(response.status_code)
         case.validate_response(response, checks=CHECKS, headers=headers)
@@ -356,7 +354,7 @@ def streamed_case(api_schema, ids, method: str, path: str, body):
     if not events:
         request |= {"body": body, "headers": {"Accept": "text/event-stream"}}
     case = api_schema[path][method].Case(**request)
-    return case, bearer("alice", seconds=2 if events else None)  # the stream ends when the token expires
+    return case, bearer_expiring("alice", 2 if events else None)  # the stream ends when the token expires
 
 
 @pytest.mark.parametrize(("method", "path", "body"), STREAMED, ids=["POST messages", "POST runs", "GET events"])

@@ -7,7 +7,6 @@ by the service itself: no other host is asked for anything, in a real Chromium t
 import asyncio
 import contextlib
 import re
-import time
 from html.parser import HTMLParser
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -19,6 +18,7 @@ from conftest import (
     config_for,
     frames_until,
     free_port,
+    polled,
     require,
     serve_live,
     tool,
@@ -91,14 +91,6 @@ async def readiness(live) -> tuple[int, dict]:
     return response.status_code, response.json()
 
 
-async def polled(ask, wanted, timeout: float = READY_WAIT):
-    """`await ask()` until it answers `wanted`, or the time is up; its last answer."""
-    deadline = time.monotonic() + timeout
-    while (answer := await ask()) != wanted and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    return answer
-
-
 async def test_ready_names_the_database_and_redis_while_they_are_cut_off_and_is_ok_once_they_are_back(
         tmp_path, jwt_settings, postgres_url, redis_url):
     _, prefix = redis_url
@@ -112,9 +104,10 @@ async def test_ready_names_the_database_and_redis_while_they_are_cut_off_and_is_
             assert await readiness(live) == (503, {"status": "unavailable", "down": ["database", "redis"]})
             await database.mend()
             redis_down = (503, {"status": "unavailable", "down": ["redis"]})
-            assert await polled(lambda: readiness(live), redis_down) == redis_down
+            assert await polled(lambda: readiness(live), redis_down, READY_WAIT, 0.1) == redis_down
             await redis.mend()
-            assert await polled(lambda: readiness(live), (200, {"status": "ok"})) == (200, {"status": "ok"})
+            ready = (200, {"status": "ok"})
+            assert await polled(lambda: readiness(live), ready, READY_WAIT, 0.1) == ready
 
 
 async def test_ready_without_redis_asks_the_database_alone(live):
@@ -164,7 +157,7 @@ async def test_metrics_count_runs_sockets_events_and_limits_without_naming_a_use
         async def sockets_open():
             return (await scrape(live))[1][("gainz_sockets_open", ())]
 
-        assert await polled(sockets_open, 0, timeout=10) == 0
+        assert await polled(sockets_open, 0, timeout=10, interval=0.1) == 0
 
 
 # ---------------------------------------------------------------- /docs

@@ -14,15 +14,20 @@ import httpx2
 import pytest
 from websockets.asyncio.client import connect
 
-from auth import JWTSettings
-from conftest import TEST_SECRET, PeakMemory, frames_until, free_port, next_frame, require, run_ends, tool
+from conftest import (
+    PeakMemory,
+    bearer,
+    frames_until,
+    free_port,
+    next_frame,
+    require,
+    run_ends,
+    thread_messages,
+    tool,
+    until,
+)
 
 pytestmark = pytest.mark.anyio
-SETTINGS = JWTSettings(secret=TEST_SECRET)
-
-
-def bearer(sub: str, settings: JWTSettings = SETTINGS) -> dict:
-    return {"Authorization": f"Bearer {settings.mint(sub)}"}
 
 
 def demo_token(log: str, sub: str) -> str:
@@ -35,21 +40,6 @@ async def socket_on(server, thread_id: str, headers: dict, query: str = ""):
     joined = await next_frame(ws)
     assert joined["type"] == "thread.joined", joined
     return ws, joined
-
-
-async def until(condition, timeout: float = 30.0):
-    """Polls an async condition (server state seen over HTTP) until it holds, with a deadline."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (result := await condition()):
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-    return result
-
-
-async def messages(http, server, thread_id: str, headers: dict) -> list[dict]:
-    response = await http.get(f"{server.url}/threads/{thread_id}/messages", headers=headers)
-    assert response.status_code == 200, response.text
-    return response.json()["data"]
 
 
 def shared_env(database_url: str, redis: tuple[str, str] | None, **more) -> dict:
@@ -79,12 +69,12 @@ async def test_threads_messages_assistants_and_tokens_survive_a_restart(servers,
     posted = await http.post(f"{first.url}/threads/{thread['id']}/messages",
                              json={"content": "hello", "assistants": ["assistant", "poet"]}, headers=alice)
     assert posted.status_code == 201
-    before = await messages(http, first, thread["id"], bob)
+    before = await thread_messages(http, thread["id"], bob, first.url)
     first.stop()
 
     second = await servers(env)
     assert "Demo tokens" in second.log()  # printed again, with the same secret: the old tokens still work
-    after = await messages(http, second, thread["id"], bob)
+    after = await thread_messages(http, thread["id"], bob, second.url)
     assert after == before
     assert [message.get("author") for message in after] == ["alice", None, None]
     assert [message.get("assistant", {}).get("name") for message in after] == [None, "assistant", "poet"]
@@ -114,7 +104,8 @@ async def test_a_run_cut_off_by_kill_9_runs_again_at_the_next_start_and_ends_exa
 
 
 async def replied(http, server, thread_id):
-    replies = [m for m in await messages(http, server, thread_id, bearer("alice")) if m["role"] == "assistant"]
+    messages = await thread_messages(http, thread_id, bearer("alice"), server.url)
+    replies = [m for m in messages if m["role"] == "assistant"]
     return replies or None
 
 
@@ -140,7 +131,8 @@ async def test_sigterm_lets_the_active_run_finish_and_leaves_queued_ones_for_the
 
 
 async def replies_count(http, server, thread_id, count):
-    replies = [m for m in await messages(http, server, thread_id, bearer("alice")) if m["role"] == "assistant"]
+    messages = await thread_messages(http, thread_id, bearer("alice"), server.url)
+    replies = [m for m in messages if m["role"] == "assistant"]
     return replies if len(replies) >= count else None
 
 
@@ -312,7 +304,7 @@ async def test_the_message_rate_holds_across_processes(servers, postgres_url, re
     assert statuses.count(201) == 5  # each process alone would have let five in
     assert statuses.count(429) == 15
     assert all(int(answer.headers["retry-after"]) >= 1 for answer in answers if answer.status_code == 429)
-    assert len(await messages(http, one, thread_id, bearer("flooder"))) == 5
+    assert len(await thread_messages(http, thread_id, bearer("flooder"), one.url)) == 5
     # The rate is the flooder's alone.
     theirs = (await http.post(f"{two.url}/threads", headers=bearer("bystander"))).json()["id"]
     assert (await http.post(f"{two.url}/threads/{theirs}/messages", json={"content": "me", "run": False},
@@ -380,7 +372,7 @@ async def test_a_process_killed_mid_run_holds_its_thread_no_longer_than_the_leas
     restarted = [frame for frame in again if frame["type"] == "run.started"]
     assert [frame["run_id"] for frame in restarted] == [run_id]  # run again, from its start, by the survivor
     assert [frame["run_id"] for frame in run_ends(again)] == [run_id]
-    stored = [m for m in await messages(http, two, thread_id, bearer("alice")) if m["role"] == "assistant"]
+    stored = [m for m in await thread_messages(http, thread_id, bearer("alice"), two.url) if m["role"] == "assistant"]
     assert [message["run_id"] for message in stored] == [run_id]
     await watcher.close()
 
@@ -460,7 +452,7 @@ async def test_while_redis_is_down_writes_are_stored_and_answered_and_a_socket_g
                            headers=bearer("alice") | {"Accept": "text/event-stream"}) as streamed:
         assert streamed.status_code == 201
         await streamed.aread()  # it ends once its run has, although the run's events wait for Redis
-    stored = await messages(http, server, thread_id, bearer("alice"))
+    stored = await thread_messages(http, thread_id, bearer("alice"), server.url)
     assert [(message["role"], message["content"]) for message in stored][:3] == [
         ("user", "while away"), ("user", "answer me anyway"), ("assistant", reply["content"])]
     assert [message["role"] for message in stored][3:] == ["user", "assistant"]

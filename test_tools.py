@@ -13,9 +13,9 @@ import openai
 import psycopg
 import pytest
 
-from conftest import frames_until, serve_live
+from conftest import bearer, frames_until, serve_live, until
 from offline_model import OfflineModel, serve_on_loopback
-from test_processes import bearer, shared_env, socket_on, until
+from test_processes import shared_env, socket_on
 
 pytestmark = pytest.mark.anyio
 LOOKUP = {"type": "function", "name": "lookup", "description": "Find an order by its number.",
