@@ -331,9 +331,6 @@ class Assistant(Resource):
         return {"id": data["id"], "name": data["name"], "model": data["model"], "instructions": data["instructions"],
                 "owner": data["owner"] or None, "created_at": data["created_at"], "tools": tools}
 
-    def ref(self) -> AssistantRefOut:
-        return AssistantRefOut(id=self.id, name=self.name)
-
 
 class Thread(Resource):
     id: str

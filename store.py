@@ -427,7 +427,6 @@ class Listing:
     has_more: bool = False
 
 
-
 @dataclass(frozen=True)
 class Limits:
     waiting_runs_per_thread: int = 32
