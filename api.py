@@ -6,6 +6,7 @@ JSON parser refuses invalid UTF-8, lone surrogate escapes and absurd nesting by 
 models, with the resources', give the OpenAPI document its schemas (see `openapi.py`).
 """
 
+import json
 from typing import Annotated, Any, Literal
 
 from jsonschema import Draft202012Validator, SchemaError
@@ -53,6 +54,10 @@ def no_nul(text: str) -> str:
     if "\x00" in text:
         raise ValueError(NUL_REFUSED)
     return text
+
+
+def is_none(value: Any) -> bool:
+    return value is None
 
 
 def distinct(items: list) -> list:
@@ -105,9 +110,16 @@ class ClientTool(Body):
 
     type: Literal["function"]
     name: Annotated[str, StringConstraints(pattern=TOOL_NAME), Field(description="letters, digits, _ and -")]
-    description: Annotated[str, Field(max_length=MAX_TOOL_DESCRIPTION_CHARS), AfterValidator(no_nul)] | None = None
+    description: Annotated[str, Field(max_length=MAX_TOOL_DESCRIPTION_CHARS), AfterValidator(no_nul)] | None = Field(
+        None, exclude_if=is_none)
     parameters: Annotated[dict[str, Any], AfterValidator(object_schema),
-                          Field(description='a JSON Schema with "type": "object"')] | None = None
+                          Field(description='a JSON Schema with "type": "object"')] | None = Field(
+        None, exclude_if=is_none)
+
+    def for_model(self) -> dict:
+        """As the model is to see it (a server tool's is `ServerTool.for_model`)."""
+        return {"type": "function", "name": self.name, "description": self.description or "",
+                "parameters": self.parameters or {"type": "object", "properties": {}}, "strict": False}
 
 
 TOOL_TAGS = ("server", "client")
@@ -257,9 +269,19 @@ def describe(error: ValidationError, tagged: bool = False) -> str:
 # ---------------------------------------------------------------- what the service answers (for the document)
 
 class Answer(BaseModel):
-    """Shapes of answers: the service builds them as dicts; these describe them."""
+    """The shape of an answer: the service sends `model_dump(mode="json")`, the document describes the same."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def omitted_if_none(description: str) -> Any:
+    """An optional field the JSON leaves out, rather than sending null, where it does not apply."""
+    return Field(None, description=description, exclude_if=is_none)
+
+
+def is_row(data: Any) -> bool:
+    """Whether `data` is a row of the store's tables (each has its serial key `n`) rather than the fields."""
+    return isinstance(data, dict) and "n" in data
 
 
 class Error(Answer):
@@ -275,12 +297,20 @@ class NotReady(Answer):
     down: list[Literal["database", "redis"]] = Field(description="what did not answer")
 
 
-class AssistantRefOut(Answer):
+class Resource(Answer):
+    """A resource: at once the store's record (`model_validate(row)` reads a row of its table), the JSON answer
+    and the document's schema. A row is the service's own writing, checked when it was written: reading it back
+    names its columns as fields and never applies a request's rules again."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AssistantRefOut(Resource):
     id: str
     name: str
 
 
-class Assistant(Answer):
+class Assistant(Resource):
     id: str
     name: str
     model: str
@@ -289,36 +319,78 @@ class Assistant(Answer):
     created_at: int
     tools: list[str | ClientTool] = Field(description="server tool names and client tools")
 
+    @model_validator(mode="before")
+    @classmethod
+    def from_row(cls, data: Any) -> Any:
+        """A row of `assistants`: a shared one's owner is "", its tools JSON text. A client tool was checked
+        when it was given (its schema against the metaschema: a millisecond each), so it is built, not checked."""
+        if not is_row(data):
+            return data
+        tools = [tool if isinstance(tool, str) else ClientTool.model_construct(**tool)
+                 for tool in json.loads(data["tools"])]
+        return {"id": data["id"], "name": data["name"], "model": data["model"], "instructions": data["instructions"],
+                "owner": data["owner"] or None, "created_at": data["created_at"], "tools": tools}
 
-class Thread(Answer):
+
+class Thread(Resource):
     id: str
     owner: str
-    members: list[str]
+    members: tuple[str, ...]
     title: str | None
     created_at: int
     updated_at: int = Field(description="the time of its last message")
 
+    @model_validator(mode="before")
+    @classmethod
+    def from_row(cls, data: Any) -> Any:
+        """A row of `threads`: members are JSON text; `updated_at`, stored to the microsecond (lists are in its
+        order), is answered in seconds."""
+        if not is_row(data):
+            return data
+        return {"id": data["id"], "owner": data["owner"], "members": tuple(json.loads(data["members"])),
+                "title": data["title"], "created_at": data["created_at"], "updated_at": int(data["updated_at"])}
 
-class ToolCall(Answer):
+
+class ToolCall(Resource):
     call_id: str
     name: str
     arguments: str = Field(description="JSON text, as the model wrote it")
     runs_on: Literal["server", "client"]
 
 
-class Message(Answer):
+class Message(Resource):
     id: str
     thread_id: str
     role: Literal["user", "assistant", "tool"]
     content: str
     created_at: int
-    author: str | None = Field(None, description="user messages: who wrote it")
-    assistant: AssistantRefOut | None = Field(None, description="replies: which assistant")
-    run_id: str | None = Field(None, description="replies: the run that wrote it")
-    cancelled: bool | None = Field(None, description="true on a reply cut short by a cancel")
-    failed: bool | None = Field(None, description="true on a reply cut short by an upstream failure")
-    tool_call: ToolCall | None = Field(None, description="tool messages: the call; `content` is its output")
-    pending: bool | None = Field(None, description="true on a tool call still waiting for its output (content empty)")
+    author: str | None = omitted_if_none("user messages: who wrote it")
+    assistant: AssistantRefOut | None = omitted_if_none("replies: which assistant")
+    run_id: str | None = omitted_if_none("replies: the run that wrote it")
+    cancelled: bool | None = omitted_if_none("true on a reply cut short by a cancel")
+    failed: bool | None = omitted_if_none("true on a reply cut short by an upstream failure")
+    tool_call: ToolCall | None = omitted_if_none("tool messages: the call; `content` is its output")
+    pending: bool | None = omitted_if_none("true on a tool call still waiting for its output (content empty)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def from_row(cls, data: Any) -> Any:
+        """A row of `messages`: its assistant and its tool call are columns of their own; its flags (SQLite's are
+        0 or 1) are there only when true."""
+        if not is_row(data):
+            return data
+        fields = {"id": data["id"], "thread_id": data["thread_id"], "role": data["role"], "content": data["content"],
+                  "created_at": data["created_at"], "author": data["author"]}
+        if data["assistant_id"] is not None:
+            fields["assistant"] = {"id": data["assistant_id"], "name": data["assistant_name"]}
+            fields["run_id"] = data["run_id"]
+        fields["cancelled"] = True if data["cancelled"] else None
+        fields["failed"] = True if data["failed"] else None
+        if data["call_id"] is not None:
+            fields["tool_call"] = {"call_id": data["call_id"], "name": data["tool_name"],
+                                   "arguments": data["tool_arguments"], "runs_on": data["runs_on"]}
+            fields["pending"] = None if data["answered"] else True  # no output yet: `content` stays empty
+        return fields
 
 
 class RunError(Answer):

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any, NamedTuple
 
 import anyio
@@ -23,8 +23,9 @@ import openai
 from openai._models import construct_type
 from openai.types.responses import ResponseStreamEvent
 
+from api import Assistant, AssistantRefOut, ClientTool, Message, RunError, ToolCall
 from errors import Conflict, Unavailable, UpstreamError, UpstreamRateLimited, UpstreamTimeout
-from store import Assistant, LeaseLost, Run, Store, Submission
+from store import LeaseLost, Run, Store, Submission
 from tools import call_server_tool, tool_spec
 
 log = logging.getLogger("gainz")
@@ -193,87 +194,96 @@ async def chunks_then_none(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes
 class RunEventHandler:
     """Hooks a run calls while it streams, in this order; override the ones you need."""
 
-    async def on_message_created(self, thread_id: str, message: dict) -> None: ...
+    async def on_message_created(self, thread_id: str, message: Message) -> None: ...
 
-    async def on_run_started(self, thread_id: str, run_id: str, assistant: dict) -> None: ...
+    async def on_run_started(self, thread_id: str, run_id: str, assistant: AssistantRefOut) -> None: ...
 
     async def on_text_delta(self, thread_id: str, run_id: str, delta: str) -> None: ...
 
-    async def on_run_completed(self, thread_id: str, run_id: str, message: dict | None,
+    async def on_run_completed(self, thread_id: str, run_id: str, message: Message | None,
                                usage: dict | None) -> None: ...
 
-    async def on_run_failed(self, thread_id: str, run_id: str, error: UpstreamError, message: dict | None) -> None:
+    async def on_run_failed(self, thread_id: str, run_id: str, error: UpstreamError, message: Message | None) -> None:
         ...
 
-    async def on_run_cancelled(self, thread_id: str, run_id: str, by: str, message: dict | None) -> None: ...
+    async def on_run_cancelled(self, thread_id: str, run_id: str, by: str, message: Message | None) -> None: ...
 
-    async def on_tool_called(self, thread_id: str, run_id: str, call: dict) -> None: ...
+    async def on_tool_called(self, thread_id: str, run_id: str, call: ToolCall) -> None: ...
 
     async def on_tool_result(self, thread_id: str, run_id: str, call_id: str, output: str) -> None: ...
 
 
+def json_of(message: Message | None) -> dict | None:
+    return message.model_dump(mode="json") if message is not None else None
+
+
 class ThreadEvents(RunEventHandler):
-    """Turns the hooks into the service's event frames and publishes each one on its thread."""
+    """Turns the hooks into the service's event frames (a message in them as the API answers it) and publishes
+    each one on its thread."""
 
     def __init__(self, publish: Callable[[str, dict], None]):
         self.publish = publish
 
     async def on_message_created(self, thread_id, message):
-        self.publish(thread_id, {"type": "message.created", "thread_id": thread_id, "message": message})
+        self.publish(thread_id, {"type": "message.created", "thread_id": thread_id,
+                                 "message": message.model_dump(mode="json")})
 
     async def on_run_started(self, thread_id, run_id, assistant):
         self.publish(thread_id, {"type": "run.started", "thread_id": thread_id, "run_id": run_id,
-                                 "assistant": assistant})
+                                 "assistant": assistant.model_dump(mode="json")})
 
     async def on_text_delta(self, thread_id, run_id, delta):
         self.publish(thread_id, {"type": "text.delta", "thread_id": thread_id, "run_id": run_id, "delta": delta})
 
     async def on_run_completed(self, thread_id, run_id, message, usage):
         self.publish(thread_id, {"type": "run.completed", "thread_id": thread_id, "run_id": run_id,
-                                 "message": message, "usage": usage})
+                                 "message": json_of(message), "usage": usage})
 
     async def on_run_failed(self, thread_id, run_id, error, message):
         self.publish(thread_id, {"type": "run.failed", "thread_id": thread_id, "run_id": run_id,
-                                 "error": error.as_json(), "message": message})
+                                 "error": error.as_json(), "message": json_of(message)})
 
     async def on_run_cancelled(self, thread_id, run_id, by, message):
         self.publish(thread_id, {"type": "run.cancelled", "thread_id": thread_id, "run_id": run_id, "by": by,
-                                 "message": message})
+                                 "message": json_of(message)})
 
     async def on_tool_called(self, thread_id, run_id, call):
-        self.publish(thread_id, {"type": "tool.called", "thread_id": thread_id, "run_id": run_id} | call)
+        self.publish(thread_id, {"type": "tool.called", "thread_id": thread_id, "run_id": run_id}
+                     | call.model_dump(mode="json"))
 
     async def on_tool_result(self, thread_id, run_id, call_id, output):
         self.publish(thread_id, {"type": "tool.result", "thread_id": thread_id, "run_id": run_id, "call_id": call_id,
                                  "output": output})
 
 
-def input_item(message: dict, assistant: Assistant) -> dict:
+def input_item(message: Message, assistant: Assistant) -> dict:
     """A stored message as the assistant is to read it: who wrote it is in the text, since a Responses
     input message has no name field."""
-    if message["role"] == "user":
-        return {"type": "message", "role": "user", "content": f"[{message['author']}] {message['content']}"}
-    if message["assistant"]["id"] == assistant.id:
-        return {"type": "message", "role": "assistant", "content": message["content"]}
-    return {"type": "message", "role": "user",
-            "content": f"[assistant {message['assistant']['name']}] {message['content']}"}
+    if message.assistant is None:  # a person's (a reply names its assistant)
+        return {"type": "message", "role": "user", "content": f"[{message.author}] {message.content}"}
+    if message.assistant.id == assistant.id:
+        return {"type": "message", "role": "assistant", "content": message.content}
+    return {"type": "message", "role": "user", "content": f"[assistant {message.assistant.name}] {message.content}"}
 
 
-def input_items(message: dict, assistant: Assistant) -> list[dict]:
+def input_items(message: Message, assistant: Assistant) -> list[dict]:
     """A stored message as input items: a tool call of the assistant's own is its call and its output; another
     assistant's is text (the functions are not this one's to call); a call never answered is left out (a
     model refuses a call without its output)."""
-    call = message.get("tool_call")
-    if call is None:
+    call = message.tool_call
+    if call is None or message.assistant is None:
         return [input_item(message, assistant)]
-    if message.get("pending"):
+    if message.pending:
         return []
-    if message["assistant"]["id"] == assistant.id:
-        return [{"type": "function_call", "call_id": call["call_id"], "name": call["name"],
-                 "arguments": call["arguments"]},
-                {"type": "function_call_output", "call_id": call["call_id"], "output": message["content"]}]
-    return [{"type": "message", "role": "user", "content": f"[assistant {message['assistant']['name']} called "
-             f"{call['name']}({call['arguments']}), which returned] {message['content']}"}]
+    if message.assistant.id == assistant.id:
+        return [{"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+                {"type": "function_call_output", "call_id": call.call_id, "output": message.content}]
+    return [{"type": "message", "role": "user", "content": f"[assistant {message.assistant.name} called "
+             f"{call.name}({call.arguments}), which returned] {message.content}"}]
+
+
+def tool_calls(messages: Iterable[Message]) -> list[ToolCall]:
+    return [message.tool_call for message in messages if message.tool_call is not None]
 
 
 def item_chars(item: dict) -> int:
@@ -349,9 +359,9 @@ class Engine:
         among the replies and itself among the errors)."""
         runs = await self.store.runs([run.id for run in submission.runs])
         replies = await self.store.messages([run.reply_id for run in runs if run.reply_id])
-        errors = [{"assistant": run.assistant, "code": run.error["code"], "message": run.error["message"]}
+        errors = [RunError(assistant=run.assistant, code=run.error["code"], message=run.error["message"])
                   for run in runs if run.error]
-        errors += [{"assistant": run.assistant, "code": "cancelled", "message": f"stopped by {run.cancelled_by}"}
+        errors += [RunError(assistant=run.assistant, code="cancelled", message=f"stopped by {run.cancelled_by}")
                    for run in runs if run.status == "cancelled"]
         return {"replies": [replies[run.reply_id] for run in runs if run.reply_id in replies], "errors": errors,
                 "failures": [stored_failure(run.error) for run in runs if run.error]}
@@ -376,13 +386,15 @@ class Engine:
             self._cancelled_by[run_id] = by
             stream.cancel()
 
-    async def answer_tool_calls(self, thread_id: str, run_id: str, outputs: list[tuple[str, str]]) -> list[dict]:
+    async def answer_tool_calls(self, thread_id: str, run_id: str,
+                                outputs: list[tuple[str, str]]) -> list[Message]:
         """Store client tools' outputs (the first answer to a call wins) and tell the thread. The process running
         the run must hear of it (see `outputs_arrived`); it also looks in the store now and then."""
         answered = await self.store.answer_tool_calls(thread_id, run_id, outputs)
         self.signal({"kind": "tool_outputs", "run_id": run_id})  # to whichever process runs the run
         for message in answered:
-            await self.events.on_tool_result(thread_id, run_id, message["tool_call"]["call_id"], message["content"])
+            if message.tool_call is not None:
+                await self.events.on_tool_result(thread_id, run_id, message.tool_call.call_id, message.content)
         return answered
 
     def on_signal(self, message: dict) -> None:
@@ -517,11 +529,11 @@ class Engine:
         """Stream the reply: while the model calls tools, get their outputs and ask it again with them, at most
         `tool_rounds` times. Returns the usage of all its responses, or raises UpstreamError."""
         tools = [spec for spec in map(tool_spec, assistant.tools) if spec is not None]
-        client_tools = {tool["name"] for tool in assistant.tools if isinstance(tool, dict)}
+        client_tools = {tool.name for tool in assistant.tools if isinstance(tool, ClientTool)}
         calls = await self.store.tool_calls(run.id)  # a run picked up again finds the calls it was waiting for
         usage = None
         for rounds in itertools.count():
-            if any(call.get("pending") for call in calls):
+            if any(call.pending for call in calls):
                 await self._tool_outputs(run, calls)
             made: dict[str, dict] = {}
             usage = total_usage(usage, await self._respond(run, assistant, tools, parts, made))
@@ -531,15 +543,15 @@ class Engine:
                 raise UpstreamError("tool_rounds", f"the model called tools more than {self.tool_rounds} times over")
             calls = await self.store.add_tool_calls(run, self.runner_id, [
                 call | {"runs_on": "client" if call["name"] in client_tools else "server"} for call in made.values()])
-            for call in calls:
-                await self.events.on_tool_called(run.thread_id, run.id, call["tool_call"])
+            for call in tool_calls(calls):
+                await self.events.on_tool_called(run.thread_id, run.id, call)
         raise AssertionError("unreachable")
 
-    async def _tool_outputs(self, run: Run, calls: list[dict]) -> None:
+    async def _tool_outputs(self, run: Run, calls: list[Message]) -> None:
         """Run the calls that run here; wait until someone, on any process, has answered the others."""
-        pending = [call["tool_call"] for call in calls if call.get("pending")]
-        await asyncio.gather(*(self._call_server_tool(run, call) for call in pending if call["runs_on"] == "server"))
-        if all(call["runs_on"] == "server" for call in pending):
+        pending = tool_calls(call for call in calls if call.pending)
+        await asyncio.gather(*(self._call_server_tool(run, call) for call in pending if call.runs_on == "server"))
+        if all(call.runs_on == "server" for call in pending):
             return
         arrived = self._waiting_for_outputs[run.id] = asyncio.Event()
         try:
@@ -548,7 +560,7 @@ class Engine:
                     arrived.clear()
                     if self._stopping:  # the run stays pending in the store, and waits again at the next start
                         raise asyncio.CancelledError()
-                    if not any(call.get("pending") for call in await self.store.tool_calls(run.id)):
+                    if not any(call.pending for call in await self.store.tool_calls(run.id)):
                         return
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(TOOL_POLL_SECONDS):
@@ -564,15 +576,15 @@ class Engine:
         finally:
             del self._waiting_for_outputs[run.id]
 
-    async def _call_server_tool(self, run: Run, call: dict) -> None:
-        output = clean_text(await call_server_tool(call["name"], call["arguments"], self.tool_call_seconds))
+    async def _call_server_tool(self, run: Run, call: ToolCall) -> None:
+        output = clean_text(await call_server_tool(call.name, call.arguments, self.tool_call_seconds))
         with contextlib.suppress(Conflict):  # answered before a restart: the first answer stands
-            await self.store.answer_tool_calls(run.thread_id, run.id, [(call["call_id"], output)], runs_on="server")
-            await self.events.on_tool_result(run.thread_id, run.id, call["call_id"], output)
+            await self.store.answer_tool_calls(run.thread_id, run.id, [(call.call_id, output)], runs_on="server")
+            await self.events.on_tool_result(run.thread_id, run.id, call.call_id, output)
 
     async def _close_tool_calls(self, run: Run, output: str) -> None:
-        for call in await self.store.close_tool_calls(run.id, output):
-            await self.events.on_tool_result(run.thread_id, run.id, call["tool_call"]["call_id"], output)
+        for call in tool_calls(await self.store.close_tool_calls(run.id, output)):
+            await self.events.on_tool_result(run.thread_id, run.id, call.call_id, output)
 
     async def _respond(self, run: Run, assistant: Assistant, tools: list[dict], parts: list[str],
                        calls: dict[str, dict]) -> dict | None:

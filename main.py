@@ -271,6 +271,11 @@ async def chosen_assistants(request: Request | WebSocket, sub: str, body: RunReq
 
 # ---------------------------------------------------------------- REST routes
 
+def answer(model: BaseModel, status_code: int = status.HTTP_200_OK) -> JSONResponse:
+    """A model as the JSON the document describes for it."""
+    return JSONResponse(model.model_dump(mode="json"), status_code)
+
+
 async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
@@ -345,7 +350,7 @@ async def openapi_document(request: Request) -> JSONResponse:
 
 async def list_assistants(request: Request) -> JSONResponse:
     listing = await services(request).store.list_assistants(request.user.sub, page_of(request))
-    return JSONResponse(listing.as_json(lambda assistant: assistant.as_json()))
+    return answer(AssistantList(data=listing.data, has_more=listing.has_more))
 
 
 async def create_assistant(request: Request) -> JSONResponse:
@@ -353,7 +358,7 @@ async def create_assistant(request: Request) -> JSONResponse:
     assistant, created = await services(request).store.create_or_load_assistant(
         request.user.sub, body.name, body.model or services(request).config.openai_model, body.instructions,
         body.tool_list())
-    return JSONResponse(assistant.as_json(), status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+    return answer(assistant, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
 async def list_tools(request: Request) -> JSONResponse:
@@ -363,7 +368,7 @@ async def list_tools(request: Request) -> JSONResponse:
 
 async def get_assistant(request: Request) -> JSONResponse:
     assistant = await services(request).store.find_assistant(request.user.sub, path_param(request, "assistant"))
-    return JSONResponse(assistant.as_json())
+    return answer(assistant)
 
 
 async def delete_assistant(request: Request) -> Response:
@@ -373,13 +378,13 @@ async def delete_assistant(request: Request) -> Response:
 
 async def list_threads(request: Request) -> JSONResponse:
     listing = await services(request).store.list_threads(request.user.sub, page_of(request))
-    return JSONResponse(listing.as_json(lambda thread: thread.as_json()))
+    return answer(ThreadList(data=listing.data, has_more=listing.has_more))
 
 
 async def create_thread(request: Request) -> JSONResponse:
     body = await parsed(request, NewThread, optional=True)
     thread = await services(request).store.create_thread(request.user.sub, body.members, body.title)
-    return JSONResponse(thread.as_json(), status.HTTP_201_CREATED)
+    return answer(thread, status.HTTP_201_CREATED)
 
 
 async def visible_thread(request: Request | WebSocket):
@@ -395,7 +400,7 @@ async def owned_thread(request: Request):
 
 
 async def get_thread(request: Request) -> JSONResponse:
-    return JSONResponse((await visible_thread(request)).as_json())
+    return answer(await visible_thread(request))
 
 
 async def change_thread(request: Request) -> JSONResponse:
@@ -403,7 +408,7 @@ async def change_thread(request: Request) -> JSONResponse:
     body = await parsed(request, ThreadChange)
     thread, removed = await services(request).store.update_thread(thread.id, thread.owner, body.members, body.title)
     services(request).hub.members_removed(thread.id, removed)
-    return JSONResponse(thread.as_json())
+    return answer(thread)
 
 
 async def delete_thread(request: Request) -> Response:
@@ -415,7 +420,8 @@ async def delete_thread(request: Request) -> Response:
 
 async def list_messages(request: Request) -> JSONResponse:
     thread = await visible_thread(request)
-    return JSONResponse((await services(request).store.list_messages(thread.id, page_of(request))).as_json())
+    listing = await services(request).store.list_messages(thread.id, page_of(request))
+    return answer(MessageList(data=listing.data, has_more=listing.has_more))
 
 
 async def post_message(request: Request) -> Response:
@@ -452,10 +458,9 @@ async def answer_runs(request: Request, thread_id: str, content: str | None, ass
     outcome = await app.engine.outcome(submission)
     if content is None and outcome["failures"] and len(outcome["failures"]) == len(submission.runs):
         raise outcome["failures"][0]  # POST /runs: every run failed, so the request did
-    body = {"replies": outcome["replies"], "errors": outcome["errors"]}
-    if content is not None:
-        body = {"message": submission.message} | body
-    return JSONResponse(body, status_code)
+    if submission.message is None:
+        return answer(Runs(replies=outcome["replies"], errors=outcome["errors"]), status_code)
+    return answer(Turn(message=submission.message, replies=outcome["replies"], errors=outcome["errors"]), status_code)
 
 
 async def until_runs_end(connection: Connection, submission: Submission, store: Store) -> None:
@@ -514,7 +519,7 @@ async def frames_until_expiry(connection: Connection, user: User, quiet_seconds:
 async def own_events(connection: Connection, submission: Submission, user: User, store: Store):
     """A POST's own events (its message.created, its runs'), ending after its last run."""
     waiting = {run.id for run in submission.runs}
-    message_id = submission.message and submission.message["id"]
+    message_id = submission.message and submission.message.id
     announced = message_id is None
     async for frame in frames_until_expiry(connection, user, None if connection.live else RUN_POLL_SECONDS):
         if frame is None:
@@ -574,7 +579,7 @@ async def post_tool_outputs(request: Request) -> JSONResponse:
     body = await parsed(request, ToolOutputs)
     run_id = path_param(request, "run_id")
     answered = await services(request).engine.answer_tool_calls(thread.id, run_id, body.pairs())
-    return JSONResponse({"run_id": run_id, "messages": answered})
+    return answer(ToolOutputsAccepted(run_id=run_id, messages=answered))
 
 
 # ---------------------------------------------------------------- WebSocket

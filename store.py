@@ -22,14 +22,16 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, ConfigDict, model_validator
 
+from api import Assistant, AssistantRefOut, Message, Thread, is_row
 from errors import BadRequest, Conflict, LimitReached, NotFound
 
 DEFAULT_DATABASE_URL = "sqlite:///gainz.db"
@@ -348,93 +350,38 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
-@dataclass(frozen=True)
-class Assistant:
-    id: str
-    name: str
-    model: str
-    instructions: str
-    owner: str | None
-    created_at: int
-    tools: tuple = ()  # server tool names (str) and client tools ({"type": "function", "name", ...})
+class Run(BaseModel):
+    """A run as the store keeps it: the service's own record (the API answers what runs did, never a run)."""
 
-    @classmethod
-    def from_row(cls, row: dict) -> "Assistant":
-        return cls(row["id"], row["name"], row["model"], row["instructions"], row["owner"] or None,
-                   row["created_at"], tuple(json.loads(row.get("tools") or "[]")))
-
-    def as_json(self) -> dict:
-        return {"id": self.id, "name": self.name, "model": self.model, "instructions": self.instructions,
-                "owner": self.owner, "created_at": self.created_at, "tools": list(self.tools)}
-
-    def ref(self) -> dict:
-        return {"id": self.id, "name": self.name}
-
-
-@dataclass(frozen=True)
-class Thread:
-    id: str
-    owner: str
-    members: tuple[str, ...]
-    title: str | None
-    created_at: int
-    updated_at: float
-
-    @classmethod
-    def from_row(cls, row: dict) -> "Thread":
-        return cls(row["id"], row["owner"], tuple(json.loads(row["members"])), row["title"], row["created_at"],
-                   row["updated_at"])
-
-    def as_json(self) -> dict:
-        return {"id": self.id, "owner": self.owner, "members": list(self.members), "title": self.title,
-                "created_at": self.created_at, "updated_at": int(self.updated_at)}
-
-
-def message_json(row: dict) -> dict:
-    message = {"id": row["id"], "thread_id": row["thread_id"], "role": row["role"], "content": row["content"],
-               "created_at": row["created_at"]}
-    if row["author"] is not None:
-        message["author"] = row["author"]
-    if row["assistant_id"] is not None:
-        message["assistant"] = {"id": row["assistant_id"], "name": row["assistant_name"]}
-        message["run_id"] = row["run_id"]
-    if row["cancelled"]:
-        message["cancelled"] = True
-    if row["failed"]:
-        message["failed"] = True
-    if row.get("call_id") is not None:
-        message["tool_call"] = {"call_id": row["call_id"], "name": row["tool_name"],
-                                "arguments": row["tool_arguments"], "runs_on": row["runs_on"]}
-        if not row["answered"]:
-            message["pending"] = True  # no output yet: `content` stays empty until one comes
-    return message
-
-
-@dataclass(frozen=True)
-class Run:
+    model_config = ConfigDict(frozen=True)
     id: str
     thread_id: str
     message_id: str | None
     requested_by: str
-    assistant: dict  # {id, name}: the name as it was when the run was accepted
+    assistant: AssistantRefOut  # the name as it was when the run was accepted
     status: str
     attempts: int
     cancelled_by: str | None
-    error: dict | None
+    error: dict | None  # {code, message, retry_after?}
     reply_id: str | None
-    usage: dict | None
+    usage: dict | None  # {input_tokens, output_tokens}
     rounds_dropped: tuple[str, ...] = ()  # a cancel's: the runs of the request's later rounds, cancelled with it
 
+    @model_validator(mode="before")
     @classmethod
-    def from_row(cls, row: dict) -> "Run":
-        error = {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None
-        if error and row["retry_after"] is not None:
-            error["retry_after"] = row["retry_after"]
-        usage = ({"input_tokens": row["input_tokens"], "output_tokens": row["output_tokens"]}
-                 if row["input_tokens"] is not None or row["output_tokens"] is not None else None)
-        return cls(row["id"], row["thread_id"], row["message_id"], row["requested_by"],
-                   {"id": row["assistant_id"], "name": row["assistant_name"]}, row["status"], row["attempts"],
-                   row["cancelled_by"], error, row["reply_id"], usage)
+    def from_row(cls, data: Any) -> Any:
+        if not is_row(data):
+            return data
+        error = {"code": data["error_code"], "message": data["error_message"]} if data["error_code"] else None
+        if error and data["retry_after"] is not None:
+            error["retry_after"] = data["retry_after"]
+        usage = ({"input_tokens": data["input_tokens"], "output_tokens": data["output_tokens"]}
+                 if data["input_tokens"] is not None or data["output_tokens"] is not None else None)
+        return {"id": data["id"], "thread_id": data["thread_id"], "message_id": data["message_id"],
+                "requested_by": data["requested_by"], "assistant": {"id": data["assistant_id"],
+                                                                    "name": data["assistant_name"]},
+                "status": data["status"], "attempts": data["attempts"], "cancelled_by": data["cancelled_by"],
+                "error": error, "reply_id": data["reply_id"], "usage": usage}
 
     @property
     def ended(self) -> bool:
@@ -456,9 +403,6 @@ class Listing:
     data: list = field(default_factory=list)
     has_more: bool = False
 
-    def as_json(self, item=lambda item: item) -> dict:
-        return {"data": [item(entry) for entry in self.data], "has_more": self.has_more}
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -474,7 +418,7 @@ class Limits:
 @dataclass(frozen=True)
 class Submission:
     thread_id: str
-    message: dict | None
+    message: Message | None
     runs: tuple[Run, ...]
 
 
@@ -576,7 +520,7 @@ class Store:
                 await tx.run("UPDATE assistants SET model = ?, instructions = ? WHERE owner = ? AND name = ?",
                              model, instructions, SHARED, name)
             row = await tx.row("SELECT * FROM assistants WHERE owner = ? AND name = ?", SHARED, name)
-        return Assistant.from_row(row)
+        return Assistant.model_validate(row)
 
     async def create_or_load_assistant(self, owner: str, name: str, model: str, instructions: str,
                                        tools: list | None = None) -> tuple[Assistant, bool]:
@@ -584,7 +528,7 @@ class Store:
         async with self.db.transaction() as tx:
             row = await tx.one("SELECT * FROM assistants WHERE owner = ? AND name = ?", owner, name)
             if row is not None:
-                return Assistant.from_row(row), False
+                return Assistant.model_validate(row), False
             await self._room_for_one_more(tx, owner, "assistants", self.limits.assistants_per_user)
             row = await tx.one("INSERT INTO assistants (id, owner, name, model, instructions, created_at, tools) "
                                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO NOTHING RETURNING *",
@@ -593,12 +537,12 @@ class Store:
             created = row is not None
             if row is None:  # another request created it first
                 row = await tx.row("SELECT * FROM assistants WHERE owner = ? AND name = ?", owner, name)
-        return Assistant.from_row(row), created
+        return Assistant.model_validate(row), created
 
     async def find_assistant(self, sub: str, ref: str) -> Assistant:
         """By id or name among the caller's own and the shared ones: see `_resolve_assistant`."""
         async with self.db.reading() as tx:
-            return Assistant.from_row(await self._resolve_assistant(tx, sub, ref))
+            return Assistant.model_validate(await self._resolve_assistant(tx, sub, ref))
 
     @staticmethod
     async def _resolve_assistant(tx: Cursor, sub: str, ref: str) -> dict:
@@ -616,7 +560,7 @@ class Store:
             usable = "(owner = ? OR owner = ? AND name NOT IN (SELECT name FROM assistants WHERE owner = ?))"
             listing = await self._page(tx, "assistants", usable, (sub, SHARED, sub), ("n",), "asc", page,
                                        "LENGTH(instructions)")
-        listing.data = [Assistant.from_row(row) for row in listing.data]
+        listing.data = [Assistant.model_validate(row) for row in listing.data]
         return listing
 
     async def delete_assistant(self, sub: str, ref: str) -> None:
@@ -667,7 +611,7 @@ class Store:
                                thread_id, owner, title, json.dumps(members), int(now), now)
             for sub in (owner, *members):
                 await tx.run("INSERT INTO thread_access (thread_id, sub) VALUES (?, ?)", thread_id, sub)
-        return Thread.from_row(row)
+        return Thread.model_validate(row)
 
     async def visible_thread(self, thread_id: str, sub: str) -> Thread:
         """The thread, if `sub` may see it. One primary-key lookup, the same for a foreign thread as
@@ -677,7 +621,7 @@ class Store:
                                "WHERE a.thread_id = ? AND a.sub = ?", thread_id, sub)
         if row is None:
             raise NotFound("thread not found")
-        return Thread.from_row(row)
+        return Thread.model_validate(row)
 
     async def list_threads(self, sub: str, page: Page) -> Listing:
         source = "threads t JOIN thread_access a ON a.thread_id = t.id"
@@ -685,7 +629,7 @@ class Store:
             listing = await self._page(tx, f"(SELECT t.* FROM {source} WHERE a.sub = ?) mine", "1 = 1", (sub,),
                                        ("updated_at", "n"), "desc", page,
                                        "LENGTH(members) + COALESCE(LENGTH(title), 0)")
-        listing.data = [Thread.from_row(row) for row in listing.data]
+        listing.data = [Thread.model_validate(row) for row in listing.data]
         return listing
 
     async def update_thread(self, thread_id: str, owner: str, members: list[str] | None,
@@ -708,7 +652,7 @@ class Store:
             if title is not None:
                 await tx.run("UPDATE threads SET title = ? WHERE id = ?", title, thread_id)
             row = await tx.row("SELECT * FROM threads WHERE id = ?", thread_id)
-        return Thread.from_row(row), removed
+        return Thread.model_validate(row), removed
 
     async def delete_thread(self, thread_id: str, owner: str) -> None:
         async with self.db.transaction() as tx:
@@ -723,14 +667,14 @@ class Store:
         async with self.db.reading() as tx:
             listing = await self._page(tx, "messages", "thread_id = ?", (thread_id,), ("n",), "asc", page,
                                        "LENGTH(content)")
-        listing.data = [message_json(row) for row in listing.data]
+        listing.data = [Message.model_validate(row) for row in listing.data]
         return listing
 
-    async def recent_messages(self, thread_id: str, limit: int) -> list[dict]:
+    async def recent_messages(self, thread_id: str, limit: int) -> list[Message]:
         """The thread's last `limit` messages, newest first."""
         async with self.db.reading() as tx:
             rows = await tx.all("SELECT * FROM messages WHERE thread_id = ? ORDER BY n DESC LIMIT ?", thread_id, limit)
-        return [message_json(row) for row in rows]
+        return [Message.model_validate(row) for row in rows]
 
     # ------------------------------------------------------------ runs
 
@@ -765,7 +709,7 @@ class Store:
                 row = await tx.row("INSERT INTO messages (id, thread_id, role, content, author, cancelled, created_at) "
                                    "VALUES (?, ?, 'user', ?, ?, FALSE, ?) RETURNING *",
                                    new_id("msg"), thread_id, content, sub, int(now))
-                message = message_json(row)
+                message = Message.model_validate(row)
             runs: list[Run] = []
             for round_number in range(1, rounds + 1):
                 for assistant in assistants:
@@ -774,9 +718,9 @@ class Store:
                         "INSERT INTO runs (id, thread_id, message_id, requested_by, assistant_id, assistant_name, "
                         "status, attempts, created_at, submission_id, submission_round) "
                         "VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?) RETURNING *",
-                        run_id, thread_id, message and message["id"], sub, assistant.id, assistant.name, int(now),
+                        run_id, thread_id, message and message.id, sub, assistant.id, assistant.name, int(now),
                         runs[0].id if runs else run_id, round_number)
-                    runs.append(Run.from_row(row))
+                    runs.append(Run.model_validate(row))
         return Submission(thread_id, message, tuple(runs))
 
     async def runs(self, run_ids: list[str]) -> list[Run]:
@@ -785,19 +729,19 @@ class Store:
         async with self.db.reading() as tx:
             rows = await tx.all(f"SELECT * FROM runs WHERE id IN ({', '.join('?' * len(run_ids))}) ORDER BY n",
                                 *run_ids)
-        return [Run.from_row(row) for row in rows]
+        return [Run.model_validate(row) for row in rows]
 
     async def ended(self, run_ids: set[str]) -> set[str]:
         """Those of the runs that have ended (asked when an event about them may have been lost)."""
         return {run.id for run in await self.runs(sorted(run_ids)) if run.ended}
 
-    async def messages(self, message_ids: list[str]) -> dict[str, dict]:
+    async def messages(self, message_ids: list[str]) -> dict[str, Message]:
         if not message_ids:
             return {}
         async with self.db.reading() as tx:
             rows = await tx.all(f"SELECT * FROM messages WHERE id IN ({', '.join('?' * len(message_ids))})",
                                 *message_ids)
-        return {row["id"]: message_json(row) for row in rows}
+        return {row["id"]: Message.model_validate(row) for row in rows}
 
     async def take_thread(self, thread_id: str, runner: str, lease_seconds: float) -> bool:
         """Become the one process that runs the thread's runs, for `lease_seconds` unless renewed."""
@@ -841,10 +785,10 @@ class Store:
                     raise LeaseLost(thread_id)
                 return None
             assistant = await tx.one("SELECT * FROM assistants WHERE id = ?", row["assistant_id"])
-        return Run.from_row(row), Assistant.from_row(assistant) if assistant else None
+        return Run.model_validate(row), Assistant.model_validate(assistant) if assistant else None
 
     async def finish_run(self, run: Run, runner: str, status: str, reply: str | None = None,
-                         error: dict | None = None, usage: dict | None = None) -> dict | None:
+                         error: dict | None = None, usage: dict | None = None) -> Message | None:
         """Record how the run ended, with its reply (a partial one when cancelled or failed), as long as this
         process still runs the thread: otherwise LeaseLost, and nothing is written. `error`: {code, message,
         retry_after?}. Returns the stored reply."""
@@ -859,13 +803,13 @@ class Store:
                 row = await tx.row("INSERT INTO messages (id, thread_id, role, content, assistant_id, assistant_name, "
                                    "run_id, cancelled, failed, created_at) "
                                    "VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-                                   new_id("msg"), run.thread_id, reply, run.assistant["id"], run.assistant["name"],
+                                   new_id("msg"), run.thread_id, reply, run.assistant.id, run.assistant.name,
                                    run.id, status == "cancelled", status == "failed", int(now))
-                message = message_json(row)
+                message = Message.model_validate(row)
             usage = usage or {}
             await tx.run("UPDATE runs SET status = ?, reply_id = ?, error_code = ?, error_message = ?, "
                          "retry_after = ?, input_tokens = ?, output_tokens = ?, ended_at = ? WHERE id = ?",
-                         status, message and message["id"], error and error["code"], error and error["message"],
+                         status, message and message.id, error and error["code"], error and error["message"],
                          error and error.get("retry_after"), usage.get("input_tokens"), usage.get("output_tokens"),
                          now, run.id)
         return message
@@ -891,7 +835,7 @@ class Store:
                                    row["submission_id"], row["submission_round"])
             row = await tx.row("SELECT * FROM runs WHERE id = ?", run_id)
         in_order = sorted(dropped, key=lambda run: run["n"])
-        return replace(Run.from_row(row), rounds_dropped=tuple(run["id"] for run in in_order))
+        return Run.model_validate(row).model_copy(update={"rounds_dropped": tuple(run["id"] for run in in_order)})
 
     async def threads_waiting_for_a_runner(self, limit: int = 100) -> list[str]:
         """Threads with pending runs that no live process is running: new, or left by one that stopped."""
@@ -903,7 +847,7 @@ class Store:
 
     # ------------------------------------------------------------ tool calls
 
-    async def add_tool_calls(self, run: Run, runner: str, calls: list[dict]) -> list[dict]:
+    async def add_tool_calls(self, run: Run, runner: str, calls: list[dict]) -> list[Message]:
         """Store the calls a model made in one step (each {call_id, name, arguments, runs_on}), waiting for
         their outputs, as long as this process still runs the thread (else LeaseLost)."""
         now = time.time()
@@ -914,19 +858,19 @@ class Store:
             rows = [await tx.row("INSERT INTO messages (id, thread_id, role, content, assistant_id, assistant_name, "
                                  "run_id, cancelled, call_id, tool_name, tool_arguments, runs_on, created_at) "
                                  "VALUES (?, ?, 'tool', '', ?, ?, ?, FALSE, ?, ?, ?, ?, ?) RETURNING *",
-                                 new_id("msg"), run.thread_id, run.assistant["id"], run.assistant["name"], run.id,
+                                 new_id("msg"), run.thread_id, run.assistant.id, run.assistant.name, run.id,
                                  call["call_id"], call["name"], call["arguments"], call["runs_on"], int(now))
                     for call in calls]
-        return [message_json(row) for row in rows]
+        return [Message.model_validate(row) for row in rows]
 
-    async def tool_calls(self, run_id: str) -> list[dict]:
+    async def tool_calls(self, run_id: str) -> list[Message]:
         """The run's calls, answered or not, in the order the model made them."""
         async with self.db.reading() as tx:
             rows = await tx.all("SELECT * FROM messages WHERE run_id = ? AND role = 'tool' ORDER BY n", run_id)
-        return [message_json(row) for row in rows]
+        return [Message.model_validate(row) for row in rows]
 
     async def answer_tool_calls(self, thread_id: str, run_id: str, outputs: list[tuple[str, str]],
-                                runs_on: str = "client") -> list[dict]:
+                                runs_on: str = "client") -> list[Message]:
         """Store outputs ([(call_id, output)]) of calls that run on `runs_on`, all or none; the first answer to a
         call wins. NotFound for a run not on the thread or a call not of the run; Conflict for a call already
         answered or run elsewhere, or a run that has ended."""
@@ -948,17 +892,17 @@ class Store:
                     if call["runs_on"] != runs_on:
                         raise Conflict(f"call {call_id!r} runs on the {call['runs_on']}")
                     raise Conflict(f"call {call_id!r} has already been answered")
-                answered.append(message_json(row))
+                answered.append(Message.model_validate(row))
             if run["status"] not in PENDING:
                 raise Conflict(f"the run has already ended ({run['status']})")
         return answered
 
-    async def close_tool_calls(self, run_id: str, output: str) -> list[dict]:
+    async def close_tool_calls(self, run_id: str, output: str) -> list[Message]:
         """Give the run's unanswered calls `output` (the run ends without them); returns those calls."""
         async with self.db.transaction() as tx:
             rows = await tx.all("UPDATE messages SET content = ?, answered = TRUE WHERE run_id = ? AND role = 'tool' "
                                 "AND NOT answered RETURNING *", output, run_id)
-        return [message_json(row) for row in sorted(rows, key=lambda row: row["n"])]
+        return [Message.model_validate(row) for row in sorted(rows, key=lambda row: row["n"])]
 
     async def check(self) -> None:
         """A round trip to the database, for health checks."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import openai
 import pytest
 
+from api import Message
 from assistants import (
     ATTRIBUTION_NOTE,
     Engine,
@@ -74,7 +75,7 @@ class Recorder(RunEventHandler):
         self.model, self.tag = model, tag
         self.hooks: list[Hook] = shared.hooks if shared else []
         # The reply a failed run kept (apart from the hook's payload, the error, which tests read for secrets).
-        self.failed_replies: dict[str, dict | None] = shared.failed_replies if shared else {}
+        self.failed_replies: dict[str, Message | None] = shared.failed_replies if shared else {}
         self._changed: asyncio.Event = shared._changed if shared else asyncio.Event()
 
     def view(self, tag: str) -> "Recorder":
@@ -238,8 +239,8 @@ async def stored_run(store: Store, run_id: str):
     return run
 
 
-async def replies(store: Store, thread_id: str) -> list[dict]:
-    return [m for m in (await store.recent_messages(thread_id, 1000))[::-1] if m["role"] == "assistant"]
+async def replies(store: Store, thread_id: str) -> list[Message]:
+    return [m for m in (await store.recent_messages(thread_id, 1000))[::-1] if m.role == "assistant"]
 
 
 # ---------------------------------------------------------------- the history sent as input
@@ -254,7 +255,7 @@ async def test_the_history_goes_out_as_input_in_order_and_says_who_wrote_what(db
                                     ("alice", "poet, try again", poet)]:
         submission = await engine.submit(thread_id, sub, content, [assistant])
         await events.ended(submission.runs[0].id)
-    first, second = [hook.payload["message"]["content"] for hook in events.of("run_completed")][:2]
+    first, second = [hook.payload["message"].content for hook in events.of("run_completed")][:2]
     poet_again, critic_before = db_rig.model.received[-1], db_rig.model.received[-2]
     assert poet_again["input"] == [
         {"type": "message", "role": "user", "content": "[alice] write me a haiku"},
@@ -311,12 +312,12 @@ async def test_deltas_stream_while_the_model_is_still_writing(rig):
     assert deltas[0].deltas_sent < len(deltas)
     assert deltas[0].at < completed.at
     assert s.events.names(run_id) == ["run_started", "deltas", "run_completed"]
-    assert "".join(hook.payload for hook in deltas) == completed.payload["message"]["content"]
-    assert completed.payload["message"]["content"] == expected_reply(rig.model.received[-1])
+    assert "".join(hook.payload for hook in deltas) == completed.payload["message"].content
+    assert completed.payload["message"].content == expected_reply(rig.model.received[-1])
     (stored,) = await replies(s.store, s.thread_id)
     assert stored == completed.payload["message"]
-    assert stored["assistant"] == {"id": s.assistant.id, "name": "helper"}
-    assert stored["run_id"] == run_id
+    assert stored.assistant.model_dump() == {"id": s.assistant.id, "name": "helper"}
+    assert stored.run_id == run_id
 
 
 async def test_two_assistants_answer_in_order_and_the_second_sees_the_first(rig):
@@ -326,14 +327,14 @@ async def test_two_assistants_answer_in_order_and_the_second_sees_the_first(rig)
     await s.events.ended(*(run.id for run in submission.runs))
     assert [hook.name for hook in s.events.hooks if hook.name != "text_delta"] == [
         "message_created", "run_started", "run_completed", "run_started", "run_completed"]
-    assert [hook.payload["name"] for hook in s.events.of("run_started")] == ["first", "second"]
+    assert [hook.payload.name for hook in s.events.of("run_started")] == ["first", "second"]
     first_reply, second_reply = [hook.payload["message"] for hook in s.events.of("run_completed")]
-    assert first_reply["assistant"]["name"] == "first"
-    assert second_reply["assistant"]["name"] == "second"
-    assert texts(rig.model.received[-1]) == ["[alice] compare notes", f"[assistant first] {first_reply['content']}"]
-    assert second_reply["content"].endswith("(2 messages in its context)")
+    assert first_reply.assistant.name == "first"
+    assert second_reply.assistant.name == "second"
+    assert texts(rig.model.received[-1]) == ["[alice] compare notes", f"[assistant first] {first_reply.content}"]
+    assert second_reply.content.endswith("(2 messages in its context)")
     stored = (await s.store.list_messages(s.thread_id, Page())).data
-    assert [m.get("author") or m["assistant"]["name"] for m in stored] == ["alice", "first", "second"]
+    assert [m.author or m.assistant.name for m in stored] == ["alice", "first", "second"]
 
 
 # ---------------------------------------------------------------- upstream failures
@@ -386,15 +387,15 @@ async def test_each_upstream_failure_is_typed_reported_and_recoverable(rig, faul
     if fault in FAULTS_AFTER_TEXT:
         assert shown
     if shown:
-        assert kept is not None and kept["content"] == shown and kept["failed"] is True
-        assert kept["run_id"] == run_id and run.reply_id == kept["id"]
+        assert kept is not None and kept.content == shown and kept.failed is True
+        assert kept.run_id == run_id and run.reply_id == kept.id
         assert await replies(s.store, s.thread_id) == [kept]
     else:
         assert kept is None and await replies(s.store, s.thread_id) == []
     again = await s.engine.submit(s.thread_id, "alice", None, [s.assistant])
     await s.events.ended(again.runs[0].id)
     (completed,) = s.events.of("run_completed", again.runs[0].id)
-    assert "heard: [alice] will this survive?" in completed.payload["message"]["content"]
+    assert "heard: [alice] will this survive?" in completed.payload["message"].content
 
 
 async def test_a_refusal_streams_as_the_reply(rig):
@@ -405,8 +406,8 @@ async def test_a_refusal_streams_as_the_reply(rig):
     await s.events.ended(run_id)
     (completed,) = s.events.of("run_completed", run_id)
     assert s.events.names(run_id) == ["run_started", "deltas", "run_completed"]
-    assert "".join(s.events.deltas(run_id)) == completed.payload["message"]["content"]
-    assert completed.payload["message"]["content"] == expected_reply(rig.model.received[-1])
+    assert "".join(s.events.deltas(run_id)) == completed.payload["message"].content
+    assert completed.payload["message"].content == expected_reply(rig.model.received[-1])
 
 
 async def test_commentary_is_not_part_of_the_reply_and_usage_is_reported_and_stored(rig):
@@ -416,7 +417,7 @@ async def test_commentary_is_not_part_of_the_reply_and_usage_is_reported_and_sto
     run_id = submission.runs[0].id
     await s.events.ended(run_id)
     (completed,) = s.events.of("run_completed", run_id)
-    reply = completed.payload["message"]["content"]
+    reply = completed.payload["message"].content
     assert reply == expected_reply(rig.model.received[-1])
     assert "".join(s.events.deltas(run_id)) == reply
     assert "Let me think" not in reply
@@ -452,7 +453,7 @@ async def test_a_run_sees_every_message_stored_before_it_starts(rig):
     created = s.events.of("message_created")[-1]
     (started,) = s.events.of("run_started", second.runs[0].id)
     assert created.at < started.at  # stored after the run was asked for, before it started
-    first_reply = s.events.of("run_completed", first.runs[0].id)[0].payload["message"]["content"]
+    first_reply = s.events.of("run_completed", first.runs[0].id)[0].payload["message"].content
     # Stored in arrival order: both messages came while the first reply was still streaming.
     assert texts(rig.model.received[-1])[1:] == ["[bob] my question", "[alice] an afterthought", first_reply]
 
@@ -489,7 +490,7 @@ async def test_two_engines_on_one_database_never_run_one_thread_at_once(db_rig):
         marks = [(hook.name, hook.run_id) for hook in events.hooks
                  if hook.thread_id == thread_id and hook.name in ("run_started", *ENDS)]
         assert marks == [mark for run_id in runs for mark in (("run_started", run_id), ("run_completed", run_id))]
-        assert [m["run_id"] for m in await replies(stores[1], thread_id)] == runs
+        assert [m.run_id for m in await replies(stores[1], thread_id)] == runs
 
 
 # ---------------------------------------------------------------- recovery
@@ -516,8 +517,8 @@ async def test_a_run_left_active_by_a_runner_that_died_is_picked_up_and_ends_wit
     run = await stored_run(store, run_id)
     assert run.status == "completed"
     assert run.attempts == 2
-    assert [m["run_id"] for m in await replies(store, thread_id)] == [run_id]
-    assert "heard: [alice] survive a crash" in (await replies(store, thread_id))[0]["content"]
+    assert [m.run_id for m in await replies(store, thread_id)] == [run_id]
+    assert "heard: [alice] survive a crash" in (await replies(store, thread_id))[0].content
 
 
 async def test_a_run_cut_off_more_than_max_attempts_times_fails_as_interrupted(db_rig):
@@ -557,13 +558,13 @@ async def test_stopping_the_active_run_closes_the_upstream_and_keeps_the_partial
     (cancelled,) = s.events.of("run_cancelled", run_id)
     partial = cancelled.payload["message"]
     assert cancelled.payload["by"] == "bob"
-    assert partial["content"] == "".join(s.events.deltas(run_id))
-    assert partial["cancelled"] is True
+    assert partial.content == "".join(s.events.deltas(run_id))
+    assert partial.cancelled is True
     assert len(s.events.deltas(run_id)) < len(tokens(expected_reply(db_rig.model.received[-1])))  # cut short
     stored = await stored_run(s.store, run_id)
     assert stored.status == "cancelled"
     assert stored.cancelled_by == "bob"
-    assert stored.reply_id == partial["id"]
+    assert stored.reply_id == partial.id
     assert await replies(s.store, s.thread_id) == [partial]
 
 
@@ -638,7 +639,7 @@ async def test_a_stopping_engine_takes_no_more_and_lets_an_active_run_finish_wit
     assert s.events.names(waiting) == []  # not started: it waits in the store
     assert (await stored_run(s.store, waiting)).status == "queued"
     assert "[alice] too late" not in texts(db_rig.model.received[-1])
-    assert [m["content"] for m in await s.store.recent_messages(s.thread_id, 10)][-1] != "too late"
+    assert [m.content for m in await s.store.recent_messages(s.thread_id, 10)][-1] != "too late"
     events = Recorder(db_rig.model)
     restarted = db_rig.engine(await db_rig.store(), events, runner_id="runner-b")
     await restarted.start()
@@ -667,7 +668,7 @@ async def test_a_run_beyond_the_grace_is_cut_off_and_runs_again_at_the_next_star
     run = await stored_run(s.store, run_id)
     assert run.status == "completed"
     assert run.attempts == 2
-    assert [m["run_id"] for m in await replies(s.store, s.thread_id)] == [run_id]
+    assert [m.run_id for m in await replies(s.store, s.thread_id)] == [run_id]
 
 
 class BeginWatch:
@@ -751,6 +752,6 @@ async def test_text_with_lone_surrogates_from_the_upstream_is_cleaned_where_it_c
     run_id = (await s.engine.submit(s.thread_id, "alice", "say something odd", [s.assistant])).runs[0].id
     await s.events.ended(run_id)
     (completed,) = s.events.of("run_completed", run_id)
-    assert completed.payload["message"]["content"] == "lone ? surrogate and ? more"
+    assert completed.payload["message"].content == "lone ? surrogate and ? more"
     assert "".join(s.events.deltas(run_id)) == "lone ? surrogate and ? more"
-    assert [m["content"] for m in await replies(s.store, s.thread_id)] == ["lone ? surrogate and ? more"]
+    assert [m.content for m in await replies(s.store, s.thread_id)] == ["lone ? surrogate and ? more"]

@@ -347,10 +347,10 @@ async def test_a_run_on_a_lenient_stream_completes_with_its_reply_and_usage_stor
         await store.close()
     status, message, usage = events.outcome
     assert status == "completed"
-    assert message["content"] == "".join(events.deltas) == "Hello wor\u2028ld é 😀"
+    assert message.content == "".join(events.deltas) == "Hello wor\u2028ld é 😀"
     assert usage == {"input_tokens": 3, "output_tokens": 4}
     (run,) = await reopened_runs(tmp_path, submission.runs[0].id)
-    assert run.usage == usage and run.reply_id == message["id"]
+    assert run.usage == usage and run.reply_id == message.id
 
 
 async def test_a_delta_or_usage_that_cannot_be_read_is_logged_by_name_and_left_out(tmp_path, caplog):
@@ -370,7 +370,7 @@ async def test_a_delta_or_usage_that_cannot_be_read_is_logged_by_name_and_left_o
         await engine.stop(grace_seconds=1)
         await store.close()
     assert handler.outcome[0] == "completed"
-    assert handler.outcome[1]["content"] == "lo wor\u2028ld é 😀"
+    assert handler.outcome[1].content == "lo wor\u2028ld é 😀"
     assert handler.outcome[2] == {"input_tokens": None, "output_tokens": 4}
     logged = caplog.text
     assert "response.output_text.delta: field delta cannot be read" in logged

@@ -220,23 +220,23 @@ async def test_a_user_may_own_only_so_many_threads(open_store):
 
 async def test_pages_walk_forwards_and_backwards_without_gaps_or_repeats(store):
     thread = await store.create_thread("alice", [], None)
-    ids = [(await store.submit(thread.id, "alice", f"m{n}", [])).message["id"] for n in range(7)]
+    ids = [(await store.submit(thread.id, "alice", f"m{n}", [])).message.id for n in range(7)]
     page, seen = Page(limit=3), []
     while True:
         listing = await store.list_messages(thread.id, page)
-        seen += [message["id"] for message in listing.data]
+        seen += [message.id for message in listing.data]
         if not listing.has_more:
             break
         page = Page(limit=3, after=seen[-1])
     assert seen == ids
     newest_first = await store.list_messages(thread.id, Page(limit=3, order="desc"))
-    assert [message["id"] for message in newest_first.data] == ids[::-1][:3]
+    assert [message.id for message in newest_first.data] == ids[::-1][:3]
     assert newest_first.has_more
     before = await store.list_messages(thread.id, Page(limit=2, before=ids[4]))
-    assert [message["id"] for message in before.data] == ids[2:4]
+    assert [message.id for message in before.data] == ids[2:4]
     assert before.has_more
     between = await store.list_messages(thread.id, Page(after=ids[1], before=ids[5]))
-    assert [message["id"] for message in between.data] == ids[2:5]
+    assert [message.id for message in between.data] == ids[2:5]
     assert not between.has_more
 
 
@@ -245,7 +245,7 @@ async def test_a_page_cursor_from_another_list_is_refused(store):
     theirs = await store.create_thread("bob", [], None)
     message = (await store.submit(theirs.id, "bob", "secret", [])).message
     with pytest.raises(BadPage, match="after"):
-        await store.list_messages(mine.id, Page(after=message["id"]))
+        await store.list_messages(mine.id, Page(after=message.id))
     with pytest.raises(BadPage, match="before"):
         await store.list_threads("alice", Page(before=theirs.id))
 
@@ -261,7 +261,7 @@ async def test_runs_wait_in_arrival_order_and_each_thread_bounds_its_queue(open_
     with pytest.raises(LimitReached) as full:
         await store.submit(thread.id, "bob", "three", [assistant])
     assert full.value.retry_after
-    assert [message["content"] for message in (await store.list_messages(thread.id, Page())).data] == ["one", "two"]
+    assert [message.content for message in (await store.list_messages(thread.id, Page())).data] == ["one", "two"]
     assert await store.take_thread(thread.id, "p1", 30)
     started, _ = await store.start_next_run(thread.id, "p1")
     assert started.id == first.runs[0].id
@@ -296,12 +296,12 @@ async def test_one_process_runs_a_thread_until_its_lease_runs_out(open_store):
     assert (again.id, again.attempts) == (submission.runs[0].id, 2)  # cut off once: it runs again
     reply = await second.finish_run(again, "p2", "completed", reply="in time", usage={"input_tokens": 3,
                                                                                       "output_tokens": 2})
-    assert reply["run_id"] == again.id
+    assert reply.run_id == again.id
     (ended,) = await second.runs([again.id])
-    assert (ended.status, ended.reply_id, ended.usage) == ("completed", reply["id"],
+    assert (ended.status, ended.reply_id, ended.usage) == ("completed", reply.id,
                                                            {"input_tokens": 3, "output_tokens": 2})
     assert not await second.release_thread(thread.id, "p2")
-    assert [m["content"] for m in (await second.list_messages(thread.id, Page())).data] == ["hi", "in time"]
+    assert [m.content for m in (await second.list_messages(thread.id, Page())).data] == ["hi", "in time"]
 
 
 async def test_threads_left_by_a_stopped_process_are_found_again(store):
@@ -328,7 +328,7 @@ async def test_cancelling_a_queued_run_ends_it_and_an_active_one_is_marked_for_i
     assert (active.status, active.cancelled_by) == ("active", "bob")
     assert await store.renew_thread(thread.id, "p1", 30) == {active_id: "bob"}
     partial = await store.finish_run(active, "p1", "cancelled", reply="half a")
-    assert partial["cancelled"] is True
+    assert partial.cancelled is True
     with pytest.raises(Conflict):
         await store.request_cancel(thread.id, active_id, "alice")
     other = await store.create_thread("bob", [], None)

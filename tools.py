@@ -88,5 +88,4 @@ def tool_spec(tool: Any) -> dict | None:
     if isinstance(tool, str):
         server = SERVER_TOOLS.get(tool)
         return server.for_model() if server else None
-    return {"type": "function", "name": tool["name"], "description": tool.get("description") or "",
-            "parameters": tool.get("parameters") or {"type": "object", "properties": {}}, "strict": False}
+    return tool.for_model()
