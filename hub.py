@@ -191,61 +191,75 @@ class Hub:
         self.closed_with: int | None = None  # once close_all: every listener that joins later is closed so too
 
     @contextlib.asynccontextmanager
-    async def joined(self, thread_id: str, sub: str, after: int | None = None, socket_limit: int | None = None,
-                     greet: bool = True) -> AsyncIterator[Connection]:
-        """Be on the thread for the block. A socket or event stream (`socket_limit` set) takes one of the
-        user's slots, counts in `clients` and `present`, and hears `presence` and `typing`; it begins with
-        `thread.joined` and, with `after`, every event it missed (or `resync`). Other listeners begin with
-        the next event."""
+    async def joined(self, thread_id: str, sub: str, socket_limit: int,
+                     after: int | None = None) -> AsyncIterator[Connection]:
+        """A socket or event stream on the thread for the block. It takes one of the user's slots, counts in
+        `clients` and `present`, hears `presence` and `typing`, and begins with `thread.joined` and, with
+        `after`, every event it missed (or `resync`)."""
         connection = Connection(thread_id, sub, self.max_backlog_chars)
-        slot = f"{self.broker.process_id}:{next(self._slots)}"
-        listeners = self.threads.setdefault(thread_id, set())
-        listeners.add(connection)  # first: what comes while it joins (others' presence included) waits for it
-        occupied = None
-        try:
-            if socket_limit is not None:
-                connection.slot = slot
-                occupied = await self.broker.occupy(sub, thread_id, slot, socket_limit)
-                if occupied is None:
-                    raise TooManySockets(socket_limit)
+        connection.slot = slot = f"{self.broker.process_id}:{next(self._slots)}"
+        async with self._on_thread(connection):
+            occupied = await self.broker.occupy(sub, thread_id, slot, socket_limit)
+            if occupied is None:
+                raise TooManySockets(socket_limit)
+            try:
                 if occupied.mine == 1:
                     self.broker.signal(presence_signal(thread_id, sub, 1, slot))
+                catch_up = await self._watch(connection, after)
+                first = [Event.create(catch_up.seq, {
+                    "type": "thread.joined", "thread_id": thread_id, "clients": occupied.clients,
+                    "present": occupied.present, "active_run": catch_up.active_run})]
+                if after is not None and catch_up.missed is None:
+                    first.append(self.resync_event(thread_id, catch_up.seq))
+                self._start(connection, catch_up.seq, first + (catch_up.missed or []))
+                yield connection
+            finally:
+                with contextlib.suppress(Exception):  # the broker may be down: the slot then lapses by itself
+                    if await self.broker.vacate(sub, thread_id, slot) == 0:
+                        self.broker.signal(presence_signal(thread_id, sub, 0, slot))
+
+    @contextlib.asynccontextmanager
+    async def listening(self, thread_id: str, sub: str) -> AsyncIterator[Connection]:
+        """Hear the thread's events from the next one on, for the block: a request waiting for its own runs.
+        While the broker is down it hears nothing, and learns from the store that its runs ended."""
+        connection = Connection(thread_id, sub, self.max_backlog_chars)
+        async with self._on_thread(connection):
             try:
-                if len(listeners) == 1:
-                    await self.broker.watch(thread_id)
-                catch_up = await self.broker.catch_up(thread_id, after)
+                catch_up = await self._watch(connection, None)
             except BrokerUnavailable:
-                if greet:
-                    raise
-                # A request waiting for its own runs needs no catch-up: while the broker is down, it
-                # learns from the store that they ended, and gets whatever events come once it is back.
                 catch_up, connection.live = CatchUp(0, None, None), False
-            first = []
-            if greet:
-                first.append(Event.create(catch_up.seq, {
-                    "type": "thread.joined", "thread_id": thread_id, "clients": occupied and occupied.clients,
-                    "present": occupied and occupied.present, "active_run": catch_up.active_run}))
-            if after is not None and catch_up.missed is None:
-                first.append(self.resync_event(thread_id, catch_up.seq))
-            first += catch_up.missed or []
-            connection.start(catch_up.seq, first)
-            if self.closed_with is not None:  # joined while the service stops: its server would close it with 1012
-                connection.close(self.closed_with)
+            self._start(connection, catch_up.seq, [])
             yield connection
+
+    @contextlib.asynccontextmanager
+    async def _on_thread(self, connection: Connection) -> AsyncIterator[None]:
+        """Among the thread's listeners for the block; its writer, if any, done when the block is."""
+        thread_id = connection.thread_id
+        # First: what comes while it joins (others' presence included) waits for it.
+        self.threads.setdefault(thread_id, set()).add(connection)
+        try:
+            yield
         finally:
             connection.close(status.WS_1000_NORMAL_CLOSURE)
             self._remove(connection)
             if thread_id not in self.threads:
                 with contextlib.suppress(Exception):  # the broker may be down: nothing to undo then
                     await self.broker.unwatch(thread_id)
-            if occupied is not None:
-                with contextlib.suppress(Exception):
-                    if await self.broker.vacate(sub, thread_id, slot) == 0:
-                        self.broker.signal(presence_signal(thread_id, sub, 0, slot))
             if connection.writer is not None:
                 await asyncio.wait([connection.writer])
                 if not connection.writer.cancelled() and (error := connection.writer.exception()):
                     log.error("writing to a socket failed", exc_info=error)
+
+    async def _watch(self, connection: Connection, after: int | None) -> CatchUp:
+        """The broker brings this process the thread's events once its first listener is on it."""
+        if len(self.threads[connection.thread_id]) == 1:
+            await self.broker.watch(connection.thread_id)
+        return await self.broker.catch_up(connection.thread_id, after)
+
+    def _start(self, connection: Connection, seq: int, first: list[Event]) -> None:
+        connection.start(seq, first)
+        if self.closed_with is not None:  # joined while the service stops: its server would close it with 1012
+            connection.close(self.closed_with)
 
     async def typing(self, connection: Connection) -> None:
         """The user is typing: the thread's other clients hear of it, once per TYPING_SECONDS at most."""

@@ -445,7 +445,7 @@ async def answer_runs(request: Request, thread_id: str, content: str | None, ass
     app = services(request)
     listening = contextlib.AsyncExitStack()
     # Listen before submitting: the runs may start (on any process) the moment they are stored.
-    connection = await listening.enter_async_context(app.hub.joined(thread_id, request.user.sub, greet=False))
+    connection = await listening.enter_async_context(app.hub.listening(thread_id, request.user.sub))
     try:
         submission = await app.engine.submit(thread_id, request.user.sub, content, assistants, rounds)
     except BaseException:
