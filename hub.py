@@ -3,7 +3,9 @@
 A listener is a WebSocket, an event stream (SSE) or a request waiting for its runs. Each has its own
 bounded backlog, so delivering an event only appends and returns. A listener that falls behind has
 its pending `text.delta` frames of one run merged into one (nothing is dropped); past the bound it
-is closed; a run's final event never counts against the bound. The broker hands the hub each
+is closed; a run's final event never counts against the bound. With a coalescing window, a socket
+sends at most one `text.delta` frame per window: deltas that come sooner merge into the next frame the
+same way. The broker hands the hub each
 thread's events in `seq` order, from whichever process published them; the hub knows nothing of
 where they came from.
 """
@@ -89,10 +91,11 @@ class Frame:
 class Connection:
     """One listener on one thread: its backlog, and the writer that drains it (for a socket)."""
 
-    def __init__(self, thread_id: str, sub: str, max_backlog_chars: int):
+    def __init__(self, thread_id: str, sub: str, max_backlog_chars: int, coalesce_seconds: float = 0.0):
         self.thread_id = thread_id
         self.sub = sub
         self.max_backlog_chars = max_backlog_chars
+        self.coalesce_seconds = coalesce_seconds
         self.backlog: deque[Frame] = deque()
         self.backlog_chars = 0
         self.floor: int | None = None  # events up to this seq are covered; None: still joining, hold them
@@ -145,8 +148,9 @@ class Connection:
         """A frame for this listener alone (an `error` reply to its own bad frame)."""
         self.send_now(Event(self.floor or 0, event["type"], None, None, encode(event)))
 
-    async def get(self, within: float | None = None) -> Frame | None:
-        """The next frame; None if none came `within` so many seconds; raises Closed once the listener is closed."""
+    async def get(self, within: float | None = None, delta_not_before: float = 0.0) -> Frame | None:
+        """The next frame; None if none came `within` so many seconds; raises Closed once the listener is closed.
+        A `text.delta` frame that can still take in deltas is not taken before `delta_not_before` (loop time)."""
         while not self.backlog:
             if self.close_code is not None:
                 raise Closed(self.close_code)
@@ -155,6 +159,12 @@ class Connection:
                 await asyncio.wait_for(self._wakeup.wait(), within)
             except TimeoutError:
                 return None
+        if len(self.backlog) == 1 and self.backlog[0].type == "text.delta":
+            wait = delta_not_before - asyncio.get_running_loop().time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the coalescing window: deltas that come meanwhile merge into it
+                if self.close_code is not None:
+                    raise Closed(self.close_code)
         frame = self.backlog.popleft()
         self.backlog_chars -= frame.size
         return frame
@@ -164,8 +174,11 @@ class Connection:
         return self.writer
 
     async def _write(self, send: Callable[[str], Awaitable[None]]) -> None:
+        loop, next_delta_at = asyncio.get_running_loop(), 0.0
         with contextlib.suppress(Closed, *CLIENT_GONE):
-            while frame := await self.get():
+            while frame := await self.get(delta_not_before=next_delta_at):
+                if self.coalesce_seconds and frame.type == "text.delta":
+                    next_delta_at = loop.time() + self.coalesce_seconds
                 await send(frame.text(self.thread_id))
 
     def close(self, code: int) -> None:
@@ -181,9 +194,10 @@ class Connection:
 
 
 class Hub:
-    def __init__(self, broker: Broker, max_backlog_chars: int = MAX_BACKLOG_CHARS):
+    def __init__(self, broker: Broker, max_backlog_chars: int = MAX_BACKLOG_CHARS, coalesce_seconds: float = 0.0):
         self.broker = broker
         self.max_backlog_chars = max_backlog_chars
+        self.coalesce_seconds = coalesce_seconds
         self.threads: dict[str, set[Connection]] = {}
         self._slots = itertools.count()
         self.closed_with: int | None = None  # once close_all: every listener that joins later is closed so too
@@ -195,7 +209,7 @@ class Hub:
         user's slots, counts in `clients` and `present`, and hears `presence` and `typing`; it begins with
         `thread.joined` and, with `after`, every event it missed (or `resync`). Other listeners begin with
         the next event."""
-        connection = Connection(thread_id, sub, self.max_backlog_chars)
+        connection = Connection(thread_id, sub, self.max_backlog_chars, self.coalesce_seconds)
         slot = f"{self.broker.process_id}:{next(self._slots)}"
         listeners = self.threads.setdefault(thread_id, set())
         listeners.add(connection)  # first: what comes while it joins (others' presence included) waits for it

@@ -95,6 +95,7 @@ SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent fo
 RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost
 RUN_POLL_SECONDS = 0.5  # ... and this often once it no longer hears the thread's events (or Redis was down)
 READY_CHECK_SECONDS = 3  # a database or Redis slower than this to answer SELECT 1 or PING is as good as down
+MAX_COALESCE_MS = 10  # a coalescing window longer than this would be felt as lag
 SEVERAL_PROCESSES = """\
 Another process is already serving {database}. Several processes (uvicorn --workers, or several hosts)
 must share their live events and limits: set REDIS_URL (for example REDIS_URL=redis://127.0.0.1:6379/0)
@@ -134,6 +135,7 @@ class Config:
     tool_rounds: int = 8
     tool_timeout_seconds: float = 600.0
     tool_call_seconds: float = 10.0
+    coalesce_ms: float = 0.0
     environ: dict = field(default_factory=dict, repr=False)  # for the JWT settings, read at start-up
 
     def __post_init__(self):
@@ -150,6 +152,8 @@ class Config:
         for name in ("openai_max_retries", "offline_token_delay", "shutdown_grace_seconds", "tool_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.upper()} must not be negative")
+        if not 0 <= self.coalesce_ms <= MAX_COALESCE_MS:
+            raise ValueError(f"COALESCE_MS must be between 0 and {MAX_COALESCE_MS}")
         if self.context_chars < 32_000:
             raise ValueError("CONTEXT_CHARS must be at least 32000: the longest message must fit")
 
@@ -810,7 +814,7 @@ async def lifespan(app: Starlette):
             await store.ensure_shared(item["name"], item.get("model") or config.openai_model,
                                       item.get("instructions") or "", item.get("id"), update=True)
 
-        hub = Hub(broker)
+        hub = Hub(broker, coalesce_seconds=config.coalesce_ms / 1000)
         engine = Engine(client, store, MeasuredEvents(broker.publish, app.state.metrics), broker.process_id,
                         context_chars=config.context_chars, lease_seconds=config.run_lease_seconds,
                         tool_rounds=config.tool_rounds, tool_timeout=config.tool_timeout_seconds,
