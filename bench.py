@@ -724,17 +724,20 @@ async def capacity_trial(target, runs: int, seconds: int, spread: float) -> dict
 
 
 async def capacity(target, name: str, mode: dict, spread: float) -> dict:
-    """Trials at growing counts until one fails, then `refine` halvings between the largest count that
+    """Trials at growing counts until one fails (twice), then `refine` halvings between the largest count that
     passed and the smallest that failed (to 5 runs at most); the largest count that passed."""
     trials, seconds = [], mode["capacity_seconds"]
 
     async def trial(runs: int) -> bool:
-        trials.append(await capacity_trial(target, runs, seconds, spread))
-        progress(f"capacity, {name}, {runs} runs: p99 {trials[-1]['p99_ms']:.0f} ms, "
-                 f"{trials[-1]['completed']}/{runs} completed")
-        if not trials[-1]["passed"]:  # runs of a failed trial may still stream on the server's CPU: let them end
-            await asyncio.sleep(seconds * 2)
-        return trials[-1]["passed"]
+        for _ in range(2):  # a failed trial is tried again once: on a shared machine one may fail on its own
+            result = await capacity_trial(target, runs, seconds, spread)
+            progress(f"capacity, {name}, {runs} runs: p99 {result['p99_ms']:.0f} ms, {result['completed']}/{runs} "
+                     f"completed, other processes {result['other_cpu']:.0%} CPU")
+            if result["passed"]:
+                break
+            await asyncio.sleep(seconds * 2)  # runs of a failed trial may still stream on the server's CPU
+        trials.append(result)
+        return result["passed"]
 
     passed, failed = 0, None
     for runs in mode["capacity"]:
@@ -1147,25 +1150,24 @@ async def bench(mode: dict, deflate: bool) -> dict:
                 for target in (service, raw):
                     results["capacity"][target.name + schedule] = await capacity(
                         target, target.name + schedule, mode, spread)
-        async with servers(deflate, "bench:service_numbering_only", factory=True) as (without_log, _):
-            async with servers(deflate) as (with_log, _):
-                for target in (with_log, without_log):
-                    await fan_out(target, 2, 50, 0.0, keep_latencies=False)
-                pick = lambda result: {key: value for key, value in result.items() if key != "latencies"}
-                results["seq_and_log"]["throughput"] = {
-                    case: pick(await quietest(tries, lambda: fan_out(target, 100, mode["deltas"], 0.0, False)))
-                    for case, target in (("with", with_log), ("without", without_log))}
-                results["seq_and_log"]["latency"] = {
-                    case: pick(await quietest(tries, lambda: fan_out(target, 100, mode["paced"], mode["pace"], True)))
-                    for case, target in (("with", with_log), ("without", without_log))}
+        pick = lambda result: {key: value for key, value in result.items() if key != "latencies"}
+        async with (servers(deflate, "bench:service_numbering_only", factory=True) as (without_log, _),
+                    servers(deflate) as (with_log, _),
+                    servers(deflate, COALESCE_MS=str(COALESCE_MS)) as (coalescing, _)):
+            for target in (with_log, without_log, coalescing):
+                await fan_out(target, 2, 50, 0.0, keep_latencies=False)
+            results["seq_and_log"]["throughput"] = {
+                case: pick(await quietest(tries, lambda: fan_out(target, 100, mode["deltas"], 0.0, False)))
+                for case, target in (("with", with_log), ("without", without_log))}
+            results["seq_and_log"]["latency"] = {
+                case: pick(await quietest(tries, lambda: fan_out(target, 100, mode["paced"], mode["pace"], True)))
+                for case, target in (("with", with_log), ("without", without_log))}
             progress("seq and resume log")
-            async with servers(deflate, COALESCE_MS=str(COALESCE_MS)) as (coalescing, _):
-                await fan_out(coalescing, 2, 50, 0.0, keep_latencies=False)
-                results["coalescing"] = {case: pick(await quietest(
-                    tries, lambda: fan_out(target, 100, mode["paced"], mode["pace"], True)))
-                    for case, target in (("off", with_log), ("on", coalescing))}
-                name = f"service, COALESCE_MS={COALESCE_MS}"
-                results["capacity"][name] = await capacity(coalescing, name, mode, CAPACITY_SPREAD)
+            results["coalescing"] = {
+                case: pick(await quietest(tries, lambda: fan_out(target, 100, mode["paced"], mode["pace"], True)))
+                for case, target in (("off", with_log), ("on", coalescing))}
+            name = f"service, COALESCE_MS={COALESCE_MS}"
+            results["capacity"][name] = await capacity(coalescing, name, mode, CAPACITY_SPREAD)
         progress("coalescing window")
         for compression, offered in (("deflate offered", True), ("no deflate", False)):
             # Fresh servers: memory that earlier runs freed would otherwise hide the sockets' cost.
