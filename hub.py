@@ -199,6 +199,7 @@ class Hub:
         self.max_backlog_chars = max_backlog_chars
         self.coalesce_seconds = coalesce_seconds
         self.threads: dict[str, set[Connection]] = {}
+        self._watching: dict[str, asyncio.Future] = {}  # thread id -> the broker's watch of it, while in flight
         self._slots = itertools.count()
         self.closed_with: int | None = None  # once close_all: every listener that joins later is closed so too
 
@@ -223,8 +224,7 @@ class Hub:
                 if occupied.mine == 1:
                     self.broker.signal(presence_signal(thread_id, sub, 1, slot))
             try:
-                if len(listeners) == 1:
-                    await self.broker.watch(thread_id)
+                await self._watch(thread_id)
                 catch_up = await self.broker.catch_up(thread_id, after)
             except BrokerUnavailable:
                 if greet:
@@ -258,6 +258,15 @@ class Hub:
                 await asyncio.wait([connection.writer])
                 if not connection.writer.cancelled() and (error := connection.writer.exception()):
                     log.error("writing to a socket failed", exc_info=error)
+
+    async def _watch(self, thread_id: str) -> None:
+        """Return once the broker watches the thread. Listeners joining at once share the one watch in flight:
+        none may catch up before it is confirmed, or it would miss what is published in between."""
+        watching = self._watching.get(thread_id)
+        if watching is None:
+            watching = self._watching[thread_id] = asyncio.ensure_future(self.broker.watch(thread_id))
+            watching.add_done_callback(lambda _: self._watching.pop(thread_id, None))
+        await asyncio.shield(watching)
 
     async def typing(self, connection: Connection) -> None:
         """The user is typing: the thread's other clients hear of it, once per TYPING_SECONDS at most."""

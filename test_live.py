@@ -490,6 +490,16 @@ async def test_with_a_coalescing_window_a_socket_gets_at_most_one_delta_frame_pe
         assert len(rest[-1]["message"]["content"].split()) > 2 * len(delta_frames)
 
 
+async def test_sockets_joining_a_thread_at_once_through_redis_all_hear_its_events(make_app, auth, join, redis_url):
+    url, prefix = redis_url
+    async with serve_live(make_app(redis_url=url, redis_prefix=prefix)) as server:
+        thread_id = await server.new_thread(auth)
+        sockets = [ws for ws, _ in await asyncio.gather(*(join(server, thread_id, "alice") for _ in range(4)))]
+        await sockets[0].send(json.dumps({"type": "message", "content": "all at once"}))
+        for ws in sockets:
+            assert "heard: [alice] all at once" in check_run((await frames_until(ws, "run.completed"))[1:])
+
+
 def test_the_coalescing_window_is_bounded():
     for refused in (-1, main.MAX_COALESCE_MS + 1):
         with pytest.raises(ValueError, match="COALESCE_MS"):
