@@ -15,7 +15,7 @@ import logging
 import re
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import anyio
 import httpx2
@@ -137,6 +137,10 @@ def clean_text(text: str) -> str:
 # ---------------------------------------------------------------- the stream, with a fast path for text deltas
 
 DELTA_TYPES = ("response.output_text.delta", "response.refusal.delta")
+# Each stream event's own type by its `type`: handed the union, the SDK's `construct_type` first validates the
+# whole event against it, only to build the same type when that passes.
+STREAM_EVENT_TYPES = {value: variant for variant in get_args(get_args(ResponseStreamEvent)[0])
+                      for value in get_args(variant.model_fields["type"].annotation)}
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
@@ -177,7 +181,8 @@ async def stream_events(client: openai.AsyncOpenAI, **request) -> AsyncGenerator
                 item_id = event.get("item_id")
                 yield TextDelta(kind, item_id if type(item_id) is str else None, event["delta"])
                 continue
-            yield construct_type(value=event, type_=ResponseStreamEvent)
+            variant = STREAM_EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+            yield construct_type(value=event, type_=variant or ResponseStreamEvent)
 
 
 async def server_sent_data(response) -> AsyncGenerator[str, None]:
