@@ -529,7 +529,8 @@ class Engine:
         `tool_rounds` times. Returns the usage of all its responses, or raises UpstreamError."""
         tools = [spec for spec in map(tool_spec, assistant.tools) if spec is not None]
         client_tools = {tool["name"] for tool in assistant.tools if isinstance(tool, dict)}
-        calls = await self.store.tool_calls(run.id)  # a run picked up again finds the calls it was waiting for
+        # A run picked up again finds the calls it was waiting for; one on its first attempt has made none.
+        calls = await self.store.tool_calls(run.id) if run.attempts > 1 else []
         usage = None
         for rounds in itertools.count():
             if any(call.get("pending") for call in calls):
