@@ -6,6 +6,7 @@ streams, token by token, to every socket on its thread.
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import json
 import logging
@@ -839,6 +840,9 @@ async def lifespan(app: Starlette):
         log.info("Database: %s; live events: %s", redacted_url(config.database_url),
                  redacted_url(config.redis_url) if config.redis_url else "this process only (no REDIS_URL)")
         await engine.start()
+        # What start-up made (modules, the SDK's and pydantic's types) lives as long as the process: frozen, a
+        # full collection no longer walks it all, which held every socket's frames for tens of ms at a time.
+        gc.freeze()
 
         async def stop() -> None:
             await engine.stop(config.shutdown_grace_seconds)
