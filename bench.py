@@ -59,8 +59,8 @@ MODES = {
                   capacity=(25, 50, 100, 200, 300, 400), capacity_seconds=5, refine=1, overhead_runs=100, redis=True),
     "full": dict(fanout=(1, 10, 100, 500), deltas=2000, paced=200, pace=0.01, readers=100, idle=1000,
                  threads=200, runs_per_thread=3, words_per_run=20, tries=3,
-                 capacity=(25, 50, 75, 100, 150, 200, 300, 400, 500), capacity_seconds=10, refine=2, overhead_runs=300,
-                 redis=True),
+                 capacity=(25, 50, 75, 100, 150, 200, 300, 400, 500, 600, 800), capacity_seconds=10, refine=2,
+                 overhead_runs=300, redis=True),
 }
 CAPACITY_RATE = 50  # deltas a second per run
 CAPACITY_P99_MS = 100
@@ -928,12 +928,6 @@ def table_rows(results: dict, mode: dict) -> list[tuple]:
                  else f"{with_log['p50_ms'] / without['p50_ms']:.2f} / {with_log['p99_ms'] / without['p99_ms']:.2f}")
         rows.append((f"9 seq and resume log, {name} at 100 sockets (raw limit column: without them)", 100,
                      value, before, ratio, cpu_note(with_log, without)))
-    if "coalescing" in results:
-        off, on = results["coalescing"]["off"], results["coalescing"]["on"]
-        rows.append((f"11 coalescing window COALESCE_MS={COALESCE_MS}, latency at 100 sockets (raw limit column: "
-                     f"without it): p50 / p99 ms", 100, f"{on['p50_ms']:.2f} / {on['p99_ms']:.1f}",
-                     f"{off['p50_ms']:.2f} / {off['p99_ms']:.1f}",
-                     f"{on['p50_ms'] / off['p50_ms']:.2f} / {on['p99_ms'] / off['p99_ms']:.2f}", cpu_note(on, off)))
     for name, pair in results.get("redis", {}).items():
         one, two = pair["one process"], pair["two processes"]
         if name == "throughput":
@@ -946,6 +940,12 @@ def table_rows(results: dict, mode: dict) -> list[tuple]:
                          f"{one['p50_ms']:.2f} / {one['p99_ms']:.1f}",
                          f"{two['p50_ms'] / one['p50_ms']:.2f} / {two['p99_ms'] / one['p99_ms']:.2f}",
                          cpu_note(two, one)))
+    if "coalescing" in results:
+        off, on = results["coalescing"]["off"], results["coalescing"]["on"]
+        rows.append((f"11 coalescing window COALESCE_MS={COALESCE_MS}, latency at 100 sockets (raw limit column: "
+                     f"without it): p50 / p99 ms", 100, f"{on['p50_ms']:.2f} / {on['p99_ms']:.1f}",
+                     f"{off['p50_ms']:.2f} / {off['p99_ms']:.1f}",
+                     f"{on['p50_ms'] / off['p50_ms']:.2f} / {on['p99_ms'] / off['p99_ms']:.2f}", cpu_note(on, off)))
     return rows
 
 
@@ -1059,7 +1059,7 @@ def svg_plot(title: str, x_label: str, y_label: str, series: dict[str, list[tupl
         return (left + (x_of(x) - x_min) / ((x_max - x_min) or 1) * (width - left - right),
                 height - bottom - (y_of(y) - y_min) / ((y_max - y_min) or 1) * (height - top - bottom))
 
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'font-family="sans-serif" font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
              f'<text x="{left}" y="20" font-size="14">{title}</text>',
