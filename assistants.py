@@ -15,7 +15,7 @@ import logging
 import re
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import anyio
 import httpx2
@@ -116,6 +116,10 @@ def clean_text(text: str) -> str:
 # ---------------------------------------------------------------- the stream, with a fast path for text deltas
 
 DELTA_TYPES = ("response.output_text.delta", "response.refusal.delta")
+# Each stream event's own type by its `type`: handed the union, the SDK's `construct_type` first validates the
+# whole event against it, only to build the same type when that passes.
+STREAM_EVENT_TYPES = {value: variant for variant in get_args(get_args(ResponseStreamEvent)[0])
+                      for value in get_args(variant.model_fields["type"].annotation)}
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
@@ -156,7 +160,8 @@ async def stream_events(client: openai.AsyncOpenAI, **request) -> AsyncGenerator
                 item_id = event.get("item_id")
                 yield TextDelta(kind, item_id if type(item_id) is str else None, event["delta"])
                 continue
-            yield construct_type(value=event, type_=ResponseStreamEvent)
+            variant = STREAM_EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+            yield construct_type(value=event, type_=variant or ResponseStreamEvent)
 
 
 async def server_sent_data(response) -> AsyncGenerator[str, None]:
@@ -530,7 +535,8 @@ class Engine:
         `tool_rounds` times. Returns the usage of all its responses, or raises UpstreamError."""
         tools = [spec for spec in map(tool_spec, assistant.tools) if spec is not None]
         client_tools = {tool.name for tool in assistant.tools if isinstance(tool, ClientTool)}
-        calls = await self.store.tool_calls(run.id)  # a run picked up again finds the calls it was waiting for
+        # A run picked up again finds the calls it was waiting for; one on its first attempt has made none.
+        calls = await self.store.tool_calls(run.id) if run.attempts > 1 else []
         usage = None
         for rounds in itertools.count():
             if any(call.pending for call in calls):

@@ -3,7 +3,9 @@
 A listener is a WebSocket, an event stream (SSE) or a request waiting for its runs. Each has its own
 bounded backlog, so delivering an event only appends and returns. A listener that falls behind has
 its pending `text.delta` frames of one run merged into one (nothing is dropped); past the bound it
-is closed; a run's final event never counts against the bound. The broker hands the hub each
+is closed; a run's final event never counts against the bound. With a coalescing window, a socket
+sends at most one `text.delta` frame per window: deltas that come sooner merge into the next frame the
+same way. The broker hands the hub each
 thread's events in `seq` order, from whichever process published them; the hub knows nothing of
 where they came from.
 """
@@ -91,10 +93,11 @@ class Frame:
 class Connection:
     """One listener on one thread: its backlog, and the writer that drains it (for a socket)."""
 
-    def __init__(self, thread_id: str, sub: str, max_backlog_chars: int):
+    def __init__(self, thread_id: str, sub: str, max_backlog_chars: int, coalesce_seconds: float = 0.0):
         self.thread_id = thread_id
         self.sub = sub
         self.max_backlog_chars = max_backlog_chars
+        self.coalesce_seconds = coalesce_seconds
         self.backlog: deque[Frame] = deque()
         self.backlog_chars = 0
         self.floor: int | None = None  # events up to this seq are covered; None: still joining, hold them
@@ -147,8 +150,9 @@ class Connection:
         """A frame for this listener alone (an `error` reply to its own bad frame)."""
         self.send_now(Event(self.floor or 0, event["type"], None, None, encode(event)))
 
-    async def get(self, within: float | None = None) -> Frame | None:
-        """The next frame; None if none came `within` so many seconds; raises Closed once the listener is closed."""
+    async def get(self, within: float | None = None, delta_not_before: float = 0.0) -> Frame | None:
+        """The next frame; None if none came `within` so many seconds; raises Closed once the listener is closed.
+        A `text.delta` frame that can still take in deltas is not taken before `delta_not_before` (loop time)."""
         while not self.backlog:
             if self.close_code is not None:
                 raise Closed(self.close_code)
@@ -157,6 +161,12 @@ class Connection:
                 await asyncio.wait_for(self._wakeup.wait(), within)
             except TimeoutError:
                 return None
+        if len(self.backlog) == 1 and self.backlog[0].type == "text.delta":
+            wait = delta_not_before - asyncio.get_running_loop().time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the coalescing window: deltas that come meanwhile merge into it
+                if self.close_code is not None:
+                    raise Closed(self.close_code)
         frame = self.backlog.popleft()
         self.backlog_chars -= frame.size
         return frame
@@ -166,8 +176,11 @@ class Connection:
         return self.writer
 
     async def _write(self, send: Callable[[str], Awaitable[None]]) -> None:
+        loop, next_delta_at = asyncio.get_running_loop(), 0.0
         with contextlib.suppress(Closed, *CLIENT_GONE):
-            while frame := await self.get():
+            while frame := await self.get(delta_not_before=next_delta_at):
+                if self.coalesce_seconds and frame.type == "text.delta":
+                    next_delta_at = loop.time() + self.coalesce_seconds
                 await send(frame.text(self.thread_id))
 
     def close(self, code: int) -> None:
@@ -183,10 +196,12 @@ class Connection:
 
 
 class Hub:
-    def __init__(self, broker: Broker, max_backlog_chars: int = MAX_BACKLOG_CHARS):
+    def __init__(self, broker: Broker, max_backlog_chars: int = MAX_BACKLOG_CHARS, coalesce_seconds: float = 0.0):
         self.broker = broker
         self.max_backlog_chars = max_backlog_chars
+        self.coalesce_seconds = coalesce_seconds
         self.threads: dict[str, set[Connection]] = {}
+        self._watching: dict[str, asyncio.Future] = {}  # thread id -> the broker's watch of it, while in flight
         self._slots = itertools.count()
         self.closed_with: int | None = None  # once close_all: every listener that joins later is closed so too
 
@@ -196,7 +211,7 @@ class Hub:
         """A socket or event stream on the thread for the block. It takes one of the user's slots, counts in
         `clients` and `present`, hears `presence` and `typing`, and begins with `thread.joined` and, with
         `after`, every event it missed (or `resync`)."""
-        connection = Connection(thread_id, sub, self.max_backlog_chars)
+        connection = Connection(thread_id, sub, self.max_backlog_chars, self.coalesce_seconds)
         connection.slot = slot = f"{self.broker.process_id}:{next(self._slots)}"
         async with self._on_thread(connection):
             occupied = await self.broker.occupy(sub, thread_id, slot, socket_limit)
@@ -222,7 +237,7 @@ class Hub:
     async def listening(self, thread_id: str, sub: str) -> AsyncIterator[Connection]:
         """Hear the thread's events from the next one on, for the block: a request waiting for its own runs.
         While the broker is down it hears nothing, and learns from the store that its runs ended."""
-        connection = Connection(thread_id, sub, self.max_backlog_chars)
+        connection = Connection(thread_id, sub, self.max_backlog_chars, self.coalesce_seconds)
         async with self._on_thread(connection):
             try:
                 catch_up = await self._watch(connection, None)
@@ -251,10 +266,16 @@ class Hub:
                     log.error("writing to a socket failed", exc_info=error)
 
     async def _watch(self, connection: Connection, after: int | None) -> CatchUp:
-        """The broker brings this process the thread's events once its first listener is on it."""
-        if len(self.threads[connection.thread_id]) == 1:
-            await self.broker.watch(connection.thread_id)
-        return await self.broker.catch_up(connection.thread_id, after)
+        """Once the broker watches the thread, what this listener missed since `after`. Listeners joining at once
+        share the one watch in flight: none may catch up before it is confirmed, or it would miss what is
+        published in between."""
+        thread_id = connection.thread_id
+        watching = self._watching.get(thread_id)
+        if watching is None:
+            watching = self._watching[thread_id] = asyncio.ensure_future(self.broker.watch(thread_id))
+            watching.add_done_callback(lambda _: self._watching.pop(thread_id, None))
+        await asyncio.shield(watching)
+        return await self.broker.catch_up(thread_id, after)
 
     def _start(self, connection: Connection, seq: int, first: list[Event]) -> None:
         connection.start(seq, first)

@@ -6,6 +6,7 @@ streams, token by token, to every socket on its thread.
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import json
 import logging
@@ -102,6 +103,7 @@ SSE_KEEPALIVE_SECONDS = 15  # proxies close HTTP connections that stay silent fo
 RUN_CHECK_SECONDS = 5  # a request waiting for its runs asks the store this often, in case an event was lost
 RUN_POLL_SECONDS = 0.5  # ... and this often once it no longer hears the thread's events (or Redis was down)
 READY_CHECK_SECONDS = 3  # a database or Redis slower than this to answer SELECT 1 or PING is as good as down
+MAX_COALESCE_MS = 10  # a coalescing window longer than this would be felt as lag
 SEVERAL_PROCESSES = """\
 Another process is already serving {database}. Several processes (uvicorn --workers, or several hosts)
 must share their live events and limits: set REDIS_URL (for example REDIS_URL=redis://127.0.0.1:6379/0)
@@ -141,6 +143,7 @@ class Config:
     tool_rounds: int = 8
     tool_timeout_seconds: float = 600.0
     tool_call_seconds: float = 10.0
+    coalesce_ms: float = 0.0
     environ: dict = field(default_factory=dict, repr=False)  # for the JWT settings, read at start-up
 
     def __post_init__(self):
@@ -157,6 +160,8 @@ class Config:
         for name in ("openai_max_retries", "offline_token_delay", "shutdown_grace_seconds", "tool_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.upper()} must not be negative")
+        if not 0 <= self.coalesce_ms <= MAX_COALESCE_MS:
+            raise ValueError(f"COALESCE_MS must be between 0 and {MAX_COALESCE_MS}")
         if self.context_chars < 32_000:
             raise ValueError("CONTEXT_CHARS must be at least 32000: the longest message must fit")
 
@@ -848,7 +853,7 @@ def lifespan_for(config: Config, given_jwt: JWTSettings | None, metrics: Metrics
             jwt_settings = await token_settings(config, given_jwt, store)
             client, offline_model = await upstream(config, stack)
             await declare_shared_assistants(config, store)
-            hub = Hub(broker)
+            hub = Hub(broker, coalesce_seconds=config.coalesce_ms / 1000)
             engine = Engine(client, store, MeasuredEvents(broker.publish, metrics), broker.process_id,
                             context_chars=config.context_chars, lease_seconds=config.run_lease_seconds,
                             tool_rounds=config.tool_rounds, tool_timeout=config.tool_timeout_seconds,
@@ -857,6 +862,9 @@ def lifespan_for(config: Config, given_jwt: JWTSettings | None, metrics: Metrics
             log.info("Database: %s; live events: %s", redacted_url(config.database_url),
                      redacted_url(config.redis_url) if config.redis_url else "this process only (no REDIS_URL)")
             await engine.start()
+            # What start-up made (modules, the SDK's and pydantic's types) lives as long as the process: frozen, a
+            # full collection no longer walks it all, which held every socket's frames for tens of ms at a time.
+            gc.freeze()
 
             async def stop() -> None:
                 await engine.stop(config.shutdown_grace_seconds)

@@ -573,21 +573,21 @@ class Store:
 
     # ------------------------------------------------------------ threads
 
-    async def _lock_user(self, tx: Cursor, sub: str) -> None:
+    async def _lock_user(self, tx: Cursor, sub: str) -> dict:
         """Serialize one user's quota checks: PostgreSQL locks the row until commit (SQLite's BEGIN
-        IMMEDIATE already serializes every writer)."""
-        await tx.run("INSERT INTO users (sub, seen_at) VALUES (?, ?) "
-                     "ON CONFLICT (sub) DO UPDATE SET seen_at = excluded.seen_at", sub, time.time())
+        IMMEDIATE already serializes every writer). Returns the user's row, as locked."""
+        return await tx.row("INSERT INTO users (sub, seen_at) VALUES (?, ?) "
+                            "ON CONFLICT (sub) DO UPDATE SET seen_at = excluded.seen_at RETURNING *", sub, time.time())
 
-    async def _spend_message_allowance(self, tx: Cursor, sub: str, now: float) -> None:
+    async def _spend_message_allowance(self, tx: Cursor, sub: str, now: float, user: dict | None = None) -> None:
         """A message rate per user, as a generic cell rate: each message moves the user's `messages_due` one
         interval on, and one that would put it over `message_burst` intervals ahead of now is refused. One
-        column of the user's row, under the user's lock: it holds across processes and hosts."""
+        column of the user's row, under the user's lock: it holds across processes and hosts. `user`: the row,
+        if this transaction has locked it already."""
         interval = 60 / self.limits.messages_per_minute
         allowance = self.limits.message_burst * interval
-        await self._lock_user(tx, sub)
-        row = await tx.row("SELECT messages_due FROM users WHERE sub = ?", sub)
-        due = max(row["messages_due"], now) + interval
+        user = user or await self._lock_user(tx, sub)
+        due = max(user["messages_due"], now) + interval
         if due - now > allowance + 1e-6:  # the sums of intervals are floats
             raise LimitReached(f"at most {self.limits.messages_per_minute} messages a minute per user",
                                retry_after=math.ceil(due - now - allowance))
@@ -693,8 +693,9 @@ class Store:
                 locked = await tx.run("UPDATE threads SET updated_at = updated_at WHERE id = ?", thread_id)
             if not locked:
                 raise NotFound("thread not found")
+            user = None
             if assistants:
-                await self._lock_user(tx, sub)
+                user = await self._lock_user(tx, sub)
                 counts = await tx.row(
                     "SELECT (SELECT COUNT(*) FROM runs WHERE thread_id = ? AND status = 'queued') AS waiting, "
                     "(SELECT COUNT(*) FROM runs WHERE requested_by = ? AND status IN ('queued', 'active')) AS mine",
@@ -705,7 +706,7 @@ class Store:
                     raise LimitReached(f"at most {self.limits.runs_per_user} runs per user may wait or run at once",
                                        retry_after=2)
             if content is not None:
-                await self._spend_message_allowance(tx, sub, now)
+                await self._spend_message_allowance(tx, sub, now, user)
                 row = await tx.row("INSERT INTO messages (id, thread_id, role, content, author, cancelled, created_at) "
                                    "VALUES (?, ?, 'user', ?, ?, FALSE, ?) RETURNING *",
                                    new_id("msg"), thread_id, content, sub, int(now))

@@ -14,6 +14,7 @@ the offline model's "hang" fault and released with a cancel: no sleeps, no races
 
 import asyncio
 import base64
+import gc
 import json
 import time
 
@@ -241,6 +242,12 @@ def test_every_route_but_the_public_ones_needs_a_valid_token(client, auth, guard
     if authorization:
         assert authorization.split()[-1] not in response.text
     assert_untouched(client, auth, guarded)
+
+
+def test_start_up_leaves_what_it_made_out_of_the_collectors_sight(app):
+    gc.unfreeze()  # whatever an earlier app in this process froze
+    with TestClient(app):
+        assert gc.get_freeze_count() > 0
 
 
 def test_health_is_open(client):

@@ -431,6 +431,42 @@ async def test_a_socket_leaving_mid_run_disturbs_no_one_and_the_reply_is_stored(
     assert [message["content"] for message in await replies(slow, auth, thread_id)] == [stayed[0]]
 
 
+
+async def test_with_a_coalescing_window_a_socket_gets_at_most_one_delta_frame_per_window_and_every_delta(
+        make_app, auth, join):
+    window = main.MAX_COALESCE_MS / 1000
+    # The model's tokens come every 2 ms: without the window, about one frame each.
+    async with serve_live(make_app(coalesce_ms=main.MAX_COALESCE_MS, offline_token_delay=0.002)) as server:
+        thread_id = await server.new_thread(auth)
+        ws, _ = await join(server, thread_id, "alice")
+        await ws.send(json.dumps({"type": "message", "content": LONG}))
+        first_delta = await frames_until(ws, "text.delta")
+        started = time.monotonic()
+        rest = await frames_until(ws, "run.completed")
+        elapsed = time.monotonic() - started
+        delta_frames = [frame for frame in first_delta + rest if frame["type"] == "text.delta"]
+        assert "".join(frame["delta"] for frame in delta_frames) == rest[-1]["message"]["content"]
+        # A frame per window at most, give or take what the way to the client shifts.
+        assert len(delta_frames) <= elapsed / window + 5, (len(delta_frames), elapsed)
+        assert len(rest[-1]["message"]["content"].split()) > 2 * len(delta_frames)
+
+
+async def test_sockets_joining_a_thread_at_once_through_redis_all_hear_its_events(make_app, auth, join, redis_url):
+    url, prefix = redis_url
+    async with serve_live(make_app(redis_url=url, redis_prefix=prefix)) as server:
+        thread_id = await server.new_thread(auth)
+        sockets = [ws for ws, _ in await asyncio.gather(*(join(server, thread_id, "alice") for _ in range(4)))]
+        await sockets[0].send(json.dumps({"type": "message", "content": "all at once"}))
+        for ws in sockets:
+            assert "heard: [alice] all at once" in check_run((await frames_until(ws, "run.completed"))[1:])
+
+
+def test_the_coalescing_window_is_bounded():
+    for refused in (-1, main.MAX_COALESCE_MS + 1):
+        with pytest.raises(ValueError, match="COALESCE_MS"):
+            main.Config(coalesce_ms=refused)
+
+
 # ---------------------------------------------------------------- many threads at once
 
 async def test_fifty_threads_each_get_only_their_own_events(live, auth, join):
