@@ -1002,20 +1002,26 @@ class TrackedWebSockets(WebSocketsSansIOProtocol):
         super().connection_made(transport)
 
 
-async def test_on_sigterm_every_socket_is_sent_1001_before_uvicorn_shuts_its_connections(
-        make_app, auth, join, monkeypatch):
-    """What a signal does, in process: the service's stop(), then (uvicorn's handler) every connection's
-    shutdown(), which sends 1012 to a socket not closed yet. The race is deterministic this way; against a
-    real process it shows with some hundreds of sockets (most runs) or, rarely, with one."""
-    stops = []
+@pytest.fixture
+def stops(monkeypatch) -> list:
+    """The service's stop() (the one a signal would run), kept for the test to call; and a fresh list of the
+    sockets uvicorn makes (TrackedWebSockets.made), for the test to shut down as uvicorn's handler would."""
+    kept = []
 
     @contextlib.contextmanager
     def keep_stop(stop):
-        stops.append(stop)
+        kept.append(stop)
         yield
 
     monkeypatch.setattr(main, "stop_gracefully_on_signals", keep_stop)
     monkeypatch.setattr(TrackedWebSockets, "made", [])
+    return kept
+
+
+async def test_on_sigterm_every_socket_is_sent_1001_before_uvicorn_shuts_its_connections(make_app, auth, join, stops):
+    """What a signal does, in process: the service's stop(), then (uvicorn's handler) every connection's
+    shutdown(), which sends 1012 to a socket not closed yet. The race is deterministic this way; against a
+    real process it shows with some hundreds of sockets (most runs) or, rarely, with one."""
     async with serve_live(make_app(), ws=TrackedWebSockets) as server:
         thread_id = await server.new_thread(auth)
         sockets = [(await join(server, thread_id, "alice"))[0] for _ in range(3)]
@@ -1025,19 +1031,10 @@ async def test_on_sigterm_every_socket_is_sent_1001_before_uvicorn_shuts_its_con
         assert [await close_code(ws) for ws in sockets] == [1001] * 3
 
 
-async def test_a_socket_opened_once_the_service_has_closed_its_sockets_gets_1001_too(
-        make_app, auth, jwt_settings, monkeypatch):
+async def test_a_socket_opened_once_the_service_has_closed_its_sockets_gets_1001_too(make_app, auth, jwt_settings,
+                                                                                     stops):
     """Between the service's stop() and uvicorn's shutdown of its connections, a handshake may still be
     accepted: that socket is told 1001 (going away) as the others were, not left for uvicorn's 1012."""
-    stops = []
-
-    @contextlib.contextmanager
-    def keep_stop(stop):
-        stops.append(stop)
-        yield
-
-    monkeypatch.setattr(main, "stop_gracefully_on_signals", keep_stop)
-    monkeypatch.setattr(TrackedWebSockets, "made", [])
     async with serve_live(make_app(), ws=TrackedWebSockets) as server:
         thread_id = await server.new_thread(auth)
         await stops[0]()
