@@ -258,6 +258,8 @@ class Hub:
             connection.close(status.WS_1000_NORMAL_CLOSURE)
             self._remove(connection)
             if thread_id not in self.threads:
+                # A watch still in flight is undone by this: whoever joins next must start a new one.
+                self._watching.pop(thread_id, None)
                 with contextlib.suppress(Exception):  # the broker may be down: nothing to undo then
                     await self.broker.unwatch(thread_id)
             if connection.writer is not None:
@@ -273,7 +275,8 @@ class Hub:
         watching = self._watching.get(thread_id)
         if watching is None:
             watching = self._watching[thread_id] = asyncio.ensure_future(self.broker.watch(thread_id))
-            watching.add_done_callback(lambda _: self._watching.pop(thread_id, None))
+            watching.add_done_callback(lambda done: self._watching.pop(thread_id, None)
+                                       if self._watching.get(thread_id) is done else None)
         await asyncio.shield(watching)
         return await self.broker.catch_up(thread_id, after)
 

@@ -72,7 +72,7 @@ from assistants import Engine, ServiceStopping
 from auth import JWT_SECRET_SETTING, JWTAuthMiddleware, JWTSettings, User, demo_tokens_banner, generate_secret
 from broker import TERMINAL, UNLOGGED, Broker, ResumeWindow, broker_for
 from errors import BadRequest, Forbidden, LimitReached, NotFound, RequestTimeout, ServiceError, TooLarge
-from hub import WS_THREAD_DELETED, Closed, Connection, Hub
+from hub import WS_REMOVED_FROM_THREAD, WS_THREAD_DELETED, Closed, Connection, Hub
 from metrics import MeasuredEvents, Metrics
 from offline_model import OfflineModel, serve_on_loopback
 from openapi import ApiRoute
@@ -474,7 +474,8 @@ async def until_runs_end(connection: Connection, submission: Submission, store: 
         try:
             frame = await connection.get(within=RUN_CHECK_SECONDS if connection.live else RUN_POLL_SECONDS)
         except Closed as closed:
-            if closed.code == WS_THREAD_DELETED:
+            # Deleted, or the caller removed from it: the thread is no longer theirs, whatever it holds now.
+            if closed.code in (WS_THREAD_DELETED, WS_REMOVED_FROM_THREAD):
                 raise NotFound("thread not found") from None
             if closed.code == status.WS_1001_GOING_AWAY:  # its runs wait in the store for the next process
                 raise ServiceStopping() from None
