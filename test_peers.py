@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from conftest import REPO, check_run, free_port, next_frame, require, run_ends, serve_live, sse_events
+from conftest import REPO, check_run, free_port, next_frame, require, run_ends, serve_live, sse_events, stop_process
 from offline_model import serve_on_loopback
 
 pytestmark = pytest.mark.anyio
@@ -125,12 +125,7 @@ async def proxy(tmp_path_factory):
             await proxy_ready(url, process, log_path)
             yield Proxy(url, model)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 def start_proxy(workdir: Path, port: int, config: dict) -> tuple[subprocess.Popen, Path]:
