@@ -6,6 +6,7 @@ streams, token by token, to every socket on its thread.
 
 import asyncio
 import contextlib
+import functools
 import gc
 import ipaddress
 import json
@@ -347,10 +348,15 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
+@functools.cache
+def api_document() -> dict:
+    """The OpenAPI document of the route table, the same for every app: made once, when first asked for."""
+    return openapi.document(ROUTES, VERSION)
+
+
 async def openapi_document(request: Request) -> JSONResponse:
     # The server is the one asked: a client that imports the document (Postman) sends its requests there.
-    document = openapi.document(request.app.routes, VERSION)  # a few ms, for a document fetched once or twice
-    return JSONResponse(document | {"servers": [{"url": str(request.base_url).rstrip("/")}]})
+    return JSONResponse(api_document() | {"servers": [{"url": str(request.base_url).rstrip("/")}]})
 
 
 async def list_assistants(request: Request) -> JSONResponse:
