@@ -2,8 +2,8 @@
 
 Every query is written once, in the SQL both engines speak; only the auto-numbered column is
 spelled per engine. SQLite, through the standard library, is the default: nothing to install, and
-WAL lets the processes of one host share the file. Its driver blocks, so each statement runs on a
-thread of its own, never on the event loop. PostgreSQL, through psycopg 3's asyncio pool, is for
+WAL lets the processes of one host share the file. Its driver blocks, so each transaction runs, whole,
+on a thread of its own, never on the event loop. PostgreSQL, through psycopg 3's asyncio pool, is for
 several hosts. `DATABASE_URL` chooses: `sqlite:///gainz.db` or `postgresql://...`.
 
 The schema is created at start-up; `MIGRATIONS` holds it as numbered steps, and a database records
@@ -11,7 +11,6 @@ the last step it has taken, so a later version adds a step and every database ca
 """
 
 import asyncio
-import contextlib
 import fcntl
 import functools
 import json
@@ -20,10 +19,10 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import psycopg
@@ -40,6 +39,8 @@ TITLE_CHARS = 80
 RUN_STATES = ("queued", "active", "completed", "failed", "cancelled")
 PENDING = ("queued", "active")
 CONNECT_TIMEOUT_SECONDS = 5
+T = TypeVar("T")
+P = ParamSpec("P")
 
 # Step N brings a database from version N-1 to N. `{serial}` is each engine's auto-numbered key.
 MIGRATIONS = [
@@ -133,51 +134,94 @@ class Cursor:
         return found
 
 
+Work = Callable[[Cursor], Coroutine[Any, Any, T]]
+
+
 class Database(Protocol):
     engine: str
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[Cursor]: ...
-    def reading(self) -> contextlib.AbstractAsyncContextManager[Cursor]: ...
+    async def transaction(self, work: Work[T]) -> T: ...
+    async def reading(self, work: Work[T]) -> T: ...
     async def hold_process_lock(self) -> bool: ...
+
+
+def transaction(method: Callable[Concatenate[Any, Cursor, P], Coroutine[Any, Any, T]]
+                ) -> Callable[Concatenate[Any, P], Awaitable[T]]:
+    """A Store method whose statements (on `tx`, its first argument) are one transaction. It awaits nothing
+    else: on SQLite the method runs, whole, on the database's thread."""
+    @functools.wraps(method)
+    async def in_transaction(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.db.transaction(lambda tx: method(self, tx, *args, **kwargs))
+    return in_transaction
+
+
+def reading(method: Callable[Concatenate[Any, Cursor, P], Coroutine[Any, Any, T]]
+            ) -> Callable[Concatenate[Any, P], Awaitable[T]]:
+    """A Store method that only reads: each statement on its own, no write lock."""
+    @functools.wraps(method)
+    async def in_reading(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.db.reading(lambda tx: method(self, tx, *args, **kwargs))
+    return in_reading
 
 
 def dict_factory(cursor: sqlite3.Cursor, row: tuple) -> dict:
     return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
 
 
-class SQLiteCursor(Cursor):
-    """Each statement is one trip to the database's thread; a transaction's BEGIN goes with its first."""
+class Cancelled(Exception):
+    """The caller of a transaction stopped waiting for it: it is rolled back."""
 
-    def __init__(self, database: "SQLite", begin: str | None = None):
-        self._call = database.call
-        self._connection = database.connection
-        self._begin = begin
+
+class SQLiteCursor(Cursor):
+    """Runs on the database's thread, with the whole transaction: each statement returns at once."""
+
+    def __init__(self, connection: sqlite3.Connection, job: "SQLiteJob"):
+        self._connection = connection
+        self._job = job
 
     def _execute(self, sql: str, params: tuple) -> sqlite3.Cursor:
-        if self._begin is not None:
-            self._connection.execute(self._begin)
-            self._begin = None
+        if self._job.cancelled:
+            raise Cancelled()
         return self._connection.execute(sql, params)
 
     async def one(self, sql, *params):
-        return await self._call(lambda: self._execute(sql, params).fetchone())
+        return self._execute(sql, params).fetchone()
 
     async def all(self, sql, *params):
-        return await self._call(lambda: self._execute(sql, params).fetchall())
+        return self._execute(sql, params).fetchall()
 
     async def run(self, sql, *params):
-        return await self._call(lambda: self._execute(sql, params).rowcount)
+        return self._execute(sql, params).rowcount
+
+
+@dataclass
+class SQLiteJob:
+    work: Work
+    begin: str | None
+    cancelled: bool = False  # set by the caller's side, read on the database's thread
+
+
+def to_the_end(coroutine: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never waits: a transaction's work, whose statements return at once."""
+    try:
+        coroutine.send(None)
+    except StopIteration as finished:
+        return finished.value
+    coroutine.close()
+    raise RuntimeError("a transaction's work waited on something other than its statements")
 
 
 class SQLite:
+    """One connection on one thread of its own. A transaction goes to that thread whole, its work with it:
+    one trip there and back, however many statements (each trip costs tens of µs of the event loop's CPU)."""
+
     engine = "sqlite"
 
     def __init__(self, path: str):
         self.path = path
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
-        self._lock = asyncio.Lock()  # one transaction at a time on the one connection
         self._lock_file: int | None = None
 
     async def call(self, function):
@@ -206,29 +250,35 @@ class SQLite:
         if self._lock_file is not None:
             os.close(self._lock_file)
 
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Cursor]:
-        async with self._lock:
-            # IMMEDIATE takes the write lock at once: a read that later writes cannot deadlock another process.
-            try:
-                yield SQLiteCursor(self, begin="BEGIN IMMEDIATE")
-            except BaseException:
-                await asyncio.shield(self.call(self._end("ROLLBACK")))
-                raise
-            await asyncio.shield(self.call(self._end("COMMIT")))
+    async def transaction(self, work: Work[T]) -> T:
+        # IMMEDIATE takes the write lock at once: a read that later writes cannot deadlock another process.
+        return await self._on_thread(SQLiteJob(work, "BEGIN IMMEDIATE"))
 
-    def _end(self, statement: str):
-        """COMMIT or ROLLBACK, queued behind whatever statement is still running on the database's thread (a
-        caller cancelled mid-statement does not stop it), and only if a transaction began."""
-        def end() -> None:
-            if self.connection.in_transaction:
-                self.connection.execute(statement)
-        return end
+    async def reading(self, work: Work[T]) -> T:
+        return await self._on_thread(SQLiteJob(work, None))  # each statement on its own, no write lock
 
-    @contextlib.asynccontextmanager
-    async def reading(self) -> AsyncIterator[Cursor]:
-        async with self._lock:  # each statement on its own, without the write lock a transaction takes
-            yield SQLiteCursor(self)
+    async def _on_thread(self, job: SQLiteJob) -> Any:
+        try:
+            return await self.call(functools.partial(self._run, job))
+        except asyncio.CancelledError:
+            job.cancelled = True  # a cancel reaches a transaction at its next statement, as it would on PostgreSQL
+            raise
+
+    def _run(self, job: SQLiteJob) -> Any:
+        connection = self.connection
+        try:
+            if job.begin is not None and not job.cancelled:
+                connection.execute(job.begin)
+            result = to_the_end(job.work(SQLiteCursor(connection, job)))
+            if job.cancelled:
+                raise Cancelled()
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        if connection.in_transaction:
+            connection.execute("COMMIT")
+        return result
 
     async def hold_process_lock(self) -> bool:
         """Whether this is the only process serving the file: an exclusive lock beside it, held until exit."""
@@ -242,7 +292,6 @@ class SQLite:
         return True
 
 
-@functools.lru_cache(maxsize=256)
 def psycopg_sql(sql: str) -> str:
     return sql.replace("?", "%s")
 
@@ -288,15 +337,13 @@ class Postgres:
             await self._lock_connection.close()
         await self._pool.close()
 
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Cursor]:
+    async def transaction(self, work: Work[T]) -> T:
         async with self._pool.connection() as connection, connection.transaction():
-            yield PostgresCursor(connection)
+            return await work(PostgresCursor(connection))
 
-    @contextlib.asynccontextmanager
-    async def reading(self) -> AsyncIterator[Cursor]:
+    async def reading(self, work: Work[T]) -> T:
         async with self._pool.connection() as connection:  # autocommit: each statement on its own
-            yield PostgresCursor(connection)
+            return await work(PostgresCursor(connection))
 
     async def hold_process_lock(self) -> bool:
         """Whether this is the only process on the database: a session advisory lock, held until exit."""
@@ -335,8 +382,7 @@ def stored_setting(url: str, name: str) -> str | None:
 async def _read_setting(database: "Database", name: str) -> str | None:
     await database.open()
     try:
-        async with database.transaction() as tx:
-            row = await tx.one("SELECT value FROM settings WHERE name = ?", name)
+        row = await database.reading(lambda tx: tx.one("SELECT value FROM settings WHERE name = ?", name))
         return row["value"] if row else None
     except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):  # no schema yet
         return None
@@ -441,34 +487,34 @@ class Store:
     async def close(self) -> None:
         await self.db.close()
 
-    async def migrate(self) -> None:
-        async with self.db.transaction() as tx:
-            # Processes starting together on a fresh database take the steps once, one after the other: even
-            # CREATE TABLE IF NOT EXISTS races in PostgreSQL (both see no table, one fails on the catalog's
-            # unique index), so the first statement waits for a lock held to commit. SQLite's BEGIN IMMEDIATE
-            # already lets one writer in at a time.
-            if self.db.engine == "postgresql":
-                await tx.run("SELECT pg_advisory_xact_lock(?, hashtext(current_schema()))", Postgres.MIGRATION_LOCK)
-            await tx.run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = await tx.one("SELECT version FROM schema_version")
-            version = row["version"] if row else 0
-            if version > len(MIGRATIONS):
-                raise RuntimeError(f"the database is at schema version {version}, newer than this code "
-                                   f"({len(MIGRATIONS)}): run the newer version")
-            for step in MIGRATIONS[version:]:
-                for statement in filter(str.strip, step.format(serial=SERIAL[self.db.engine]).split(";")):
-                    await tx.run(statement)
-            if row is None:
-                await tx.run("INSERT INTO schema_version (version) VALUES (?)", len(MIGRATIONS))
-            elif version < len(MIGRATIONS):
-                await tx.run("UPDATE schema_version SET version = ?", len(MIGRATIONS))
+    @transaction
+    async def migrate(self, tx: Cursor) -> None:
+        # Processes starting together on a fresh database take the steps once, one after the other: even
+        # CREATE TABLE IF NOT EXISTS races in PostgreSQL (both see no table, one fails on the catalog's
+        # unique index), so the first statement waits for a lock held to commit. SQLite's BEGIN IMMEDIATE
+        # already lets one writer in at a time.
+        if self.db.engine == "postgresql":
+            await tx.run("SELECT pg_advisory_xact_lock(?, hashtext(current_schema()))", Postgres.MIGRATION_LOCK)
+        await tx.run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = await tx.one("SELECT version FROM schema_version")
+        version = row["version"] if row else 0
+        if version > len(MIGRATIONS):
+            raise RuntimeError(f"the database is at schema version {version}, newer than this code "
+                               f"({len(MIGRATIONS)}): run the newer version")
+        for step in MIGRATIONS[version:]:
+            for statement in filter(str.strip, step.format(serial=SERIAL[self.db.engine]).split(";")):
+                await tx.run(statement)
+        if row is None:
+            await tx.run("INSERT INTO schema_version (version) VALUES (?)", len(MIGRATIONS))
+        elif version < len(MIGRATIONS):
+            await tx.run("UPDATE schema_version SET version = ?", len(MIGRATIONS))
 
-    async def setting(self, name: str, make_value) -> tuple[str, bool]:
+    @transaction
+    async def setting(self, tx: Cursor, name: str, make_value) -> tuple[str, bool]:
         """The stored value of `name`, or `make_value()` stored now; and whether it was made now."""
-        async with self.db.transaction() as tx:
-            made = await tx.run("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-                                name, make_value())
-            row = await tx.row("SELECT value FROM settings WHERE name = ?", name)
+        made = await tx.run("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                            name, make_value())
+        row = await tx.row("SELECT value FROM settings WHERE name = ?", name)
         return row["value"], bool(made)
 
     async def _page(self, tx: Cursor, source: str, where: str, params: tuple, keys: tuple[str, ...],
@@ -509,40 +555,40 @@ class Store:
 
     # ------------------------------------------------------------ assistants
 
-    async def ensure_shared(self, name: str, model: str, instructions: str, assistant_id: str | None = None,
+    @transaction
+    async def ensure_shared(self, tx: Cursor, name: str, model: str, instructions: str, assistant_id: str | None = None,
                             update: bool = False) -> Assistant:
         """A shared assistant: created if missing; with `update`, brought in line with what is declared."""
-        async with self.db.transaction() as tx:
-            await tx.run("INSERT INTO assistants (id, owner, name, model, instructions, created_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO NOTHING",
-                         assistant_id or new_id("asst"), SHARED, name, model, instructions, int(time.time()))
-            if update:
-                await tx.run("UPDATE assistants SET model = ?, instructions = ? WHERE owner = ? AND name = ?",
-                             model, instructions, SHARED, name)
-            row = await tx.row("SELECT * FROM assistants WHERE owner = ? AND name = ?", SHARED, name)
+        await tx.run("INSERT INTO assistants (id, owner, name, model, instructions, created_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO NOTHING",
+                     assistant_id or new_id("asst"), SHARED, name, model, instructions, int(time.time()))
+        if update:
+            await tx.run("UPDATE assistants SET model = ?, instructions = ? WHERE owner = ? AND name = ?",
+                         model, instructions, SHARED, name)
+        row = await tx.row("SELECT * FROM assistants WHERE owner = ? AND name = ?", SHARED, name)
         return Assistant.model_validate(row)
 
-    async def create_or_load_assistant(self, owner: str, name: str, model: str, instructions: str,
+    @transaction
+    async def create_or_load_assistant(self, tx: Cursor, owner: str, name: str, model: str, instructions: str,
                                        tools: list | None = None) -> tuple[Assistant, bool]:
         """The caller's own assistant called `name`, created if new (within the per-user cap), else unchanged."""
-        async with self.db.transaction() as tx:
-            row = await tx.one("SELECT * FROM assistants WHERE owner = ? AND name = ?", owner, name)
-            if row is not None:
-                return Assistant.model_validate(row), False
-            await self._room_for_one_more(tx, owner, "assistants", self.limits.assistants_per_user)
-            row = await tx.one("INSERT INTO assistants (id, owner, name, model, instructions, created_at, tools) "
-                               "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO NOTHING RETURNING *",
-                               new_id("asst"), owner, name, model, instructions, int(time.time()),
-                               json.dumps(tools or []))
-            created = row is not None
-            if row is None:  # another request created it first
-                row = await tx.row("SELECT * FROM assistants WHERE owner = ? AND name = ?", owner, name)
+        row = await tx.one("SELECT * FROM assistants WHERE owner = ? AND name = ?", owner, name)
+        if row is not None:
+            return Assistant.model_validate(row), False
+        await self._room_for_one_more(tx, owner, "assistants", self.limits.assistants_per_user)
+        row = await tx.one("INSERT INTO assistants (id, owner, name, model, instructions, created_at, tools) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO NOTHING RETURNING *",
+                           new_id("asst"), owner, name, model, instructions, int(time.time()),
+                           json.dumps(tools or []))
+        created = row is not None
+        if row is None:  # another request created it first
+            row = await tx.row("SELECT * FROM assistants WHERE owner = ? AND name = ?", owner, name)
         return Assistant.model_validate(row), created
 
-    async def find_assistant(self, sub: str, ref: str) -> Assistant:
+    @reading
+    async def find_assistant(self, tx: Cursor, sub: str, ref: str) -> Assistant:
         """By id or name among the caller's own and the shared ones: see `_resolve_assistant`."""
-        async with self.db.reading() as tx:
-            return Assistant.model_validate(await self._resolve_assistant(tx, sub, ref))
+        return Assistant.model_validate(await self._resolve_assistant(tx, sub, ref))
 
     @staticmethod
     async def _resolve_assistant(tx: Cursor, sub: str, ref: str) -> dict:
@@ -554,22 +600,22 @@ class Store:
             raise NotFound("assistant not found")
         return row
 
-    async def list_assistants(self, sub: str, page: Page) -> Listing:
-        async with self.db.reading() as tx:
-            # The caller's own and the shared ones, less a shared one the caller's own namesake hides.
-            usable = "(owner = ? OR owner = ? AND name NOT IN (SELECT name FROM assistants WHERE owner = ?))"
-            listing = await self._page(tx, "assistants", usable, (sub, SHARED, sub), ("n",), "asc", page,
-                                       "LENGTH(instructions)")
+    @reading
+    async def list_assistants(self, tx: Cursor, sub: str, page: Page) -> Listing:
+        # The caller's own and the shared ones, less a shared one the caller's own namesake hides.
+        usable = "(owner = ? OR owner = ? AND name NOT IN (SELECT name FROM assistants WHERE owner = ?))"
+        listing = await self._page(tx, "assistants", usable, (sub, SHARED, sub), ("n",), "asc", page,
+                                   "LENGTH(instructions)")
         listing.data = [Assistant.model_validate(row) for row in listing.data]
         return listing
 
-    async def delete_assistant(self, sub: str, ref: str) -> None:
+    @transaction
+    async def delete_assistant(self, tx: Cursor, sub: str, ref: str) -> None:
         """The caller's own; a shared one is 404 to them, as anyone else's is."""
-        async with self.db.transaction() as tx:
-            row = await self._resolve_assistant(tx, sub, ref)
-            if row["owner"] != sub:
-                raise NotFound("assistant not found")
-            await tx.run("DELETE FROM assistants WHERE id = ?", row["id"])
+        row = await self._resolve_assistant(tx, sub, ref)
+        if row["owner"] != sub:
+            raise NotFound("assistant not found")
+        await tx.run("DELETE FROM assistants WHERE id = ?", row["id"])
 
     # ------------------------------------------------------------ threads
 
@@ -600,195 +646,196 @@ class Store:
         if owned["n"] >= limit:
             raise LimitReached(f"at most {limit} {table} per user; delete one first")
 
-    async def create_thread(self, owner: str, members: list[str], title: str | None) -> Thread:
+    @transaction
+    async def create_thread(self, tx: Cursor, owner: str, members: list[str], title: str | None) -> Thread:
         members = [member for member in dict.fromkeys(members) if member != owner]
         now = time.time()
         thread_id = new_id("thread")
-        async with self.db.transaction() as tx:
-            await self._room_for_one_more(tx, owner, "threads", self.limits.threads_per_user)
-            row = await tx.row("INSERT INTO threads (id, owner, title, members, created_at, updated_at) "
-                               "VALUES (?, ?, ?, ?, ?, ?) RETURNING *",
-                               thread_id, owner, title, json.dumps(members), int(now), now)
-            for sub in (owner, *members):
-                await tx.run("INSERT INTO thread_access (thread_id, sub) VALUES (?, ?)", thread_id, sub)
+        await self._room_for_one_more(tx, owner, "threads", self.limits.threads_per_user)
+        row = await tx.row("INSERT INTO threads (id, owner, title, members, created_at, updated_at) "
+                           "VALUES (?, ?, ?, ?, ?, ?) RETURNING *",
+                           thread_id, owner, title, json.dumps(members), int(now), now)
+        for sub in (owner, *members):
+            await tx.run("INSERT INTO thread_access (thread_id, sub) VALUES (?, ?)", thread_id, sub)
         return Thread.model_validate(row)
 
-    async def visible_thread(self, thread_id: str, sub: str) -> Thread:
+    @reading
+    async def visible_thread(self, tx: Cursor, thread_id: str, sub: str) -> Thread:
         """The thread, if `sub` may see it. One primary-key lookup, the same for a foreign thread as
         for a missing one."""
-        async with self.db.reading() as tx:
-            row = await tx.one("SELECT t.* FROM thread_access a JOIN threads t ON t.id = a.thread_id "
-                               "WHERE a.thread_id = ? AND a.sub = ?", thread_id, sub)
+        row = await tx.one("SELECT t.* FROM thread_access a JOIN threads t ON t.id = a.thread_id "
+                           "WHERE a.thread_id = ? AND a.sub = ?", thread_id, sub)
         if row is None:
             raise NotFound("thread not found")
         return Thread.model_validate(row)
 
-    async def list_threads(self, sub: str, page: Page) -> Listing:
+    @reading
+    async def list_threads(self, tx: Cursor, sub: str, page: Page) -> Listing:
         source = "threads t JOIN thread_access a ON a.thread_id = t.id"
-        async with self.db.reading() as tx:
-            listing = await self._page(tx, f"(SELECT t.* FROM {source} WHERE a.sub = ?) mine", "1 = 1", (sub,),
-                                       ("updated_at", "n"), "desc", page,
-                                       "LENGTH(members) + COALESCE(LENGTH(title), 0)")
+        listing = await self._page(tx, f"(SELECT t.* FROM {source} WHERE a.sub = ?) mine", "1 = 1", (sub,),
+                                   ("updated_at", "n"), "desc", page,
+                                   "LENGTH(members) + COALESCE(LENGTH(title), 0)")
         listing.data = [Thread.model_validate(row) for row in listing.data]
         return listing
 
-    async def update_thread(self, thread_id: str, owner: str, members: list[str] | None,
+    @transaction
+    async def update_thread(self, tx: Cursor, thread_id: str, owner: str, members: list[str] | None,
                             title: str | None) -> tuple[Thread, set[str]]:
         """The owner's change of members and/or title; returns the thread and the members it lost."""
-        async with self.db.transaction() as tx:
-            row = await tx.one("SELECT * FROM threads WHERE id = ? AND owner = ?", thread_id, owner)
-            if row is None:
-                raise NotFound("thread not found")
-            before = set(json.loads(row["members"]))
-            removed: set[str] = set()
-            if members is not None:
-                members = [member for member in dict.fromkeys(members) if member != owner]
-                removed = before - set(members)
-                await tx.run("UPDATE threads SET members = ? WHERE id = ?", json.dumps(members), thread_id)
-                for sub in removed:
-                    await tx.run("DELETE FROM thread_access WHERE thread_id = ? AND sub = ?", thread_id, sub)
-                for sub in set(members) - before:
-                    await tx.run("INSERT INTO thread_access (thread_id, sub) VALUES (?, ?)", thread_id, sub)
-            if title is not None:
-                await tx.run("UPDATE threads SET title = ? WHERE id = ?", title, thread_id)
-            row = await tx.row("SELECT * FROM threads WHERE id = ?", thread_id)
+        row = await tx.one("SELECT * FROM threads WHERE id = ? AND owner = ?", thread_id, owner)
+        if row is None:
+            raise NotFound("thread not found")
+        before = set(json.loads(row["members"]))
+        removed: set[str] = set()
+        if members is not None:
+            members = [member for member in dict.fromkeys(members) if member != owner]
+            removed = before - set(members)
+            await tx.run("UPDATE threads SET members = ? WHERE id = ?", json.dumps(members), thread_id)
+            for sub in removed:
+                await tx.run("DELETE FROM thread_access WHERE thread_id = ? AND sub = ?", thread_id, sub)
+            for sub in set(members) - before:
+                await tx.run("INSERT INTO thread_access (thread_id, sub) VALUES (?, ?)", thread_id, sub)
+        if title is not None:
+            await tx.run("UPDATE threads SET title = ? WHERE id = ?", title, thread_id)
+        row = await tx.row("SELECT * FROM threads WHERE id = ?", thread_id)
         return Thread.model_validate(row), removed
 
-    async def delete_thread(self, thread_id: str, owner: str) -> None:
-        async with self.db.transaction() as tx:
-            if not await tx.run("DELETE FROM threads WHERE id = ? AND owner = ?", thread_id, owner):
-                raise NotFound("thread not found")
-            for table in ("thread_access", "messages", "runs"):
-                await tx.run(f"DELETE FROM {table} WHERE thread_id = ?", thread_id)
+    @transaction
+    async def delete_thread(self, tx: Cursor, thread_id: str, owner: str) -> None:
+        if not await tx.run("DELETE FROM threads WHERE id = ? AND owner = ?", thread_id, owner):
+            raise NotFound("thread not found")
+        for table in ("thread_access", "messages", "runs"):
+            await tx.run(f"DELETE FROM {table} WHERE thread_id = ?", thread_id)
 
     # ------------------------------------------------------------ messages
 
-    async def list_messages(self, thread_id: str, page: Page) -> Listing:
-        async with self.db.reading() as tx:
-            listing = await self._page(tx, "messages", "thread_id = ?", (thread_id,), ("n",), "asc", page,
-                                       "LENGTH(content)")
+    @reading
+    async def list_messages(self, tx: Cursor, thread_id: str, page: Page) -> Listing:
+        listing = await self._page(tx, "messages", "thread_id = ?", (thread_id,), ("n",), "asc", page,
+                                   "LENGTH(content)")
         listing.data = [Message.model_validate(row) for row in listing.data]
         return listing
 
-    async def recent_messages(self, thread_id: str, limit: int) -> list[Message]:
+    @reading
+    async def recent_messages(self, tx: Cursor, thread_id: str, limit: int) -> list[Message]:
         """The thread's last `limit` messages, newest first."""
-        async with self.db.reading() as tx:
-            rows = await tx.all("SELECT * FROM messages WHERE thread_id = ? ORDER BY n DESC LIMIT ?", thread_id, limit)
+        rows = await tx.all("SELECT * FROM messages WHERE thread_id = ? ORDER BY n DESC LIMIT ?", thread_id, limit)
         return [Message.model_validate(row) for row in rows]
 
     # ------------------------------------------------------------ runs
 
-    async def submit(self, thread_id: str, sub: str, content: str | None,
+    @transaction
+    async def submit(self, tx: Cursor, thread_id: str, sub: str, content: str | None,
                      assistants: list[Assistant], rounds: int = 1) -> Submission:
         """Store the message (if any) and queue a run per assistant, `rounds` times over, in one transaction,
         within the limits (which count every run)."""
         now = time.time()
         message = None
-        async with self.db.transaction() as tx:
-            # Locks, always in this order: the thread's row, then the user's (PostgreSQL keeps them to commit).
-            if content is not None:
-                locked = await tx.run("UPDATE threads SET updated_at = ?, title = COALESCE(title, ?) WHERE id = ?",
-                                      now, title_from(content), thread_id)
-            else:
-                locked = await tx.run("UPDATE threads SET updated_at = updated_at WHERE id = ?", thread_id)
-            if not locked:
-                raise NotFound("thread not found")
-            user = None
-            if assistants:
-                user = await self._lock_user(tx, sub)
-                counts = await tx.row(
-                    "SELECT (SELECT COUNT(*) FROM runs WHERE thread_id = ? AND status = 'queued') AS waiting, "
-                    "(SELECT COUNT(*) FROM runs WHERE requested_by = ? AND status IN ('queued', 'active')) AS mine",
-                    thread_id, sub)
-                if counts["waiting"] + len(assistants) * rounds > self.limits.waiting_runs_per_thread:
-                    raise LimitReached("too many runs are waiting on this thread", retry_after=1)
-                if counts["mine"] + len(assistants) * rounds > self.limits.runs_per_user:
-                    raise LimitReached(f"at most {self.limits.runs_per_user} runs per user may wait or run at once",
-                                       retry_after=2)
-            if content is not None:
-                await self._spend_message_allowance(tx, sub, now, user)
-                row = await tx.row("INSERT INTO messages (id, thread_id, role, content, author, cancelled, created_at) "
-                                   "VALUES (?, ?, 'user', ?, ?, FALSE, ?) RETURNING *",
-                                   new_id("msg"), thread_id, content, sub, int(now))
-                message = Message.model_validate(row)
-            runs: list[Run] = []
-            for round_number in range(1, rounds + 1):
-                for assistant in assistants:
-                    run_id = new_id("run")
-                    row = await tx.row(
-                        "INSERT INTO runs (id, thread_id, message_id, requested_by, assistant_id, assistant_name, "
-                        "status, attempts, created_at, submission_id, submission_round) "
-                        "VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?) RETURNING *",
-                        run_id, thread_id, message and message.id, sub, assistant.id, assistant.name, int(now),
-                        runs[0].id if runs else run_id, round_number)
-                    runs.append(Run.model_validate(row))
+        # Locks, always in this order: the thread's row, then the user's (PostgreSQL keeps them to commit).
+        if content is not None:
+            locked = await tx.run("UPDATE threads SET updated_at = ?, title = COALESCE(title, ?) WHERE id = ?",
+                                  now, title_from(content), thread_id)
+        else:
+            locked = await tx.run("UPDATE threads SET updated_at = updated_at WHERE id = ?", thread_id)
+        if not locked:
+            raise NotFound("thread not found")
+        user = None
+        if assistants:
+            user = await self._lock_user(tx, sub)
+            counts = await tx.row(
+                "SELECT (SELECT COUNT(*) FROM runs WHERE thread_id = ? AND status = 'queued') AS waiting, "
+                "(SELECT COUNT(*) FROM runs WHERE requested_by = ? AND status IN ('queued', 'active')) AS mine",
+                thread_id, sub)
+            if counts["waiting"] + len(assistants) * rounds > self.limits.waiting_runs_per_thread:
+                raise LimitReached("too many runs are waiting on this thread", retry_after=1)
+            if counts["mine"] + len(assistants) * rounds > self.limits.runs_per_user:
+                raise LimitReached(f"at most {self.limits.runs_per_user} runs per user may wait or run at once",
+                                   retry_after=2)
+        if content is not None:
+            await self._spend_message_allowance(tx, sub, now, user)
+            row = await tx.row("INSERT INTO messages (id, thread_id, role, content, author, cancelled, created_at) "
+                               "VALUES (?, ?, 'user', ?, ?, FALSE, ?) RETURNING *",
+                               new_id("msg"), thread_id, content, sub, int(now))
+            message = Message.model_validate(row)
+        runs: list[Run] = []
+        for round_number in range(1, rounds + 1):
+            for assistant in assistants:
+                run_id = new_id("run")
+                row = await tx.row(
+                    "INSERT INTO runs (id, thread_id, message_id, requested_by, assistant_id, assistant_name, "
+                    "status, attempts, created_at, submission_id, submission_round) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?) RETURNING *",
+                    run_id, thread_id, message and message.id, sub, assistant.id, assistant.name, int(now),
+                    runs[0].id if runs else run_id, round_number)
+                runs.append(Run.model_validate(row))
         return Submission(thread_id, message, tuple(runs))
 
-    async def runs(self, run_ids: list[str]) -> list[Run]:
+    @reading
+    async def runs(self, tx: Cursor, run_ids: list[str]) -> list[Run]:
         if not run_ids:
             return []
-        async with self.db.reading() as tx:
-            rows = await tx.all(f"SELECT * FROM runs WHERE id IN ({', '.join('?' * len(run_ids))}) ORDER BY n",
-                                *run_ids)
+        rows = await tx.all(f"SELECT * FROM runs WHERE id IN ({', '.join('?' * len(run_ids))}) ORDER BY n",
+                            *run_ids)
         return [Run.model_validate(row) for row in rows]
 
     async def ended(self, run_ids: set[str]) -> set[str]:
         """Those of the runs that have ended (asked when an event about them may have been lost)."""
         return {run.id for run in await self.runs(sorted(run_ids)) if run.ended}
 
-    async def messages(self, message_ids: list[str]) -> dict[str, Message]:
+    @reading
+    async def messages(self, tx: Cursor, message_ids: list[str]) -> dict[str, Message]:
         if not message_ids:
             return {}
-        async with self.db.reading() as tx:
-            rows = await tx.all(f"SELECT * FROM messages WHERE id IN ({', '.join('?' * len(message_ids))})",
-                                *message_ids)
+        rows = await tx.all(f"SELECT * FROM messages WHERE id IN ({', '.join('?' * len(message_ids))})",
+                            *message_ids)
         return {row["id"]: Message.model_validate(row) for row in rows}
 
-    async def take_thread(self, thread_id: str, runner: str, lease_seconds: float) -> bool:
+    @transaction
+    async def take_thread(self, tx: Cursor, thread_id: str, runner: str, lease_seconds: float) -> bool:
         """Become the one process that runs the thread's runs, for `lease_seconds` unless renewed."""
         now = time.time()
-        async with self.db.transaction() as tx:
-            return bool(await tx.run("UPDATE threads SET runner = ?, runner_until = ? WHERE id = ? "
-                                     "AND (runner IS NULL OR runner = ? OR runner_until < ?)",
-                                     runner, now + lease_seconds, thread_id, runner, now))
+        return bool(await tx.run("UPDATE threads SET runner = ?, runner_until = ? WHERE id = ? "
+                                 "AND (runner IS NULL OR runner = ? OR runner_until < ?)",
+                                 runner, now + lease_seconds, thread_id, runner, now))
 
-    async def renew_thread(self, thread_id: str, runner: str, lease_seconds: float) -> dict[str, str]:
+    @transaction
+    async def renew_thread(self, tx: Cursor, thread_id: str, runner: str, lease_seconds: float) -> dict[str, str]:
         """Extend the lease; raises LeaseLost if another process has it. Returns the thread's active runs
         that someone asked to cancel, and who (in case the signal did not arrive)."""
-        async with self.db.transaction() as tx:
-            if not await tx.run("UPDATE threads SET runner_until = ? WHERE id = ? AND runner = ?",
-                                time.time() + lease_seconds, thread_id, runner):
-                raise LeaseLost(thread_id)
-            rows = await tx.all("SELECT id, cancelled_by FROM runs WHERE thread_id = ? AND status = 'active' "
-                                "AND cancelled_by IS NOT NULL", thread_id)
+        if not await tx.run("UPDATE threads SET runner_until = ? WHERE id = ? AND runner = ?",
+                            time.time() + lease_seconds, thread_id, runner):
+            raise LeaseLost(thread_id)
+        rows = await tx.all("SELECT id, cancelled_by FROM runs WHERE thread_id = ? AND status = 'active' "
+                            "AND cancelled_by IS NOT NULL", thread_id)
         return {row["id"]: row["cancelled_by"] for row in rows}
 
-    async def release_thread(self, thread_id: str, runner: str) -> bool:
+    @transaction
+    async def release_thread(self, tx: Cursor, thread_id: str, runner: str) -> bool:
         """Give the thread up; returns whether runs are still pending on it."""
-        async with self.db.transaction() as tx:
-            await tx.run("UPDATE threads SET runner = NULL, runner_until = NULL WHERE id = ? AND runner = ?",
-                         thread_id, runner)
-            pending = await tx.one("SELECT 1 AS pending FROM runs WHERE thread_id = ? "
-                                   "AND status IN ('queued', 'active') LIMIT 1", thread_id)
+        await tx.run("UPDATE threads SET runner = NULL, runner_until = NULL WHERE id = ? AND runner = ?",
+                     thread_id, runner)
+        pending = await tx.one("SELECT 1 AS pending FROM runs WHERE thread_id = ? "
+                               "AND status IN ('queued', 'active') LIMIT 1", thread_id)
         return pending is not None
 
-    async def start_next_run(self, thread_id: str, runner: str) -> tuple[Run, Assistant | None] | None:
+    @transaction
+    async def start_next_run(self, tx: Cursor, thread_id: str, runner: str) -> tuple[Run, Assistant | None] | None:
         """The thread's oldest pending run, marked active (a run found active was cut off: it runs again),
         with its assistant as it is now (None if deleted meanwhile)."""
-        async with self.db.transaction() as tx:
-            row = await tx.one(
-                "UPDATE runs SET status = 'active', attempts = attempts + 1, started_at = ? WHERE id = "
-                "(SELECT id FROM runs WHERE thread_id = ? AND status IN ('queued', 'active') ORDER BY n LIMIT 1) "
-                "AND EXISTS (SELECT 1 FROM threads WHERE id = ? AND runner = ?) RETURNING *",
-                time.time(), thread_id, thread_id, runner)
-            if row is None:  # none pending, or the thread is not this runner's any more
-                if not await tx.one("SELECT 1 AS mine FROM threads WHERE id = ? AND runner = ?", thread_id, runner):
-                    raise LeaseLost(thread_id)
-                return None
-            assistant = await tx.one("SELECT * FROM assistants WHERE id = ?", row["assistant_id"])
+        row = await tx.one(
+            "UPDATE runs SET status = 'active', attempts = attempts + 1, started_at = ? WHERE id = "
+            "(SELECT id FROM runs WHERE thread_id = ? AND status IN ('queued', 'active') ORDER BY n LIMIT 1) "
+            "AND EXISTS (SELECT 1 FROM threads WHERE id = ? AND runner = ?) RETURNING *",
+            time.time(), thread_id, thread_id, runner)
+        if row is None:  # none pending, or the thread is not this runner's any more
+            if not await tx.one("SELECT 1 AS mine FROM threads WHERE id = ? AND runner = ?", thread_id, runner):
+                raise LeaseLost(thread_id)
+            return None
+        assistant = await tx.one("SELECT * FROM assistants WHERE id = ?", row["assistant_id"])
         return Run.model_validate(row), Assistant.model_validate(assistant) if assistant else None
 
-    async def finish_run(self, run: Run, runner: str, status: str, reply: str | None = None,
+    @transaction
+    async def finish_run(self, tx: Cursor, run: Run, runner: str, status: str, reply: str | None = None,
                          error: dict | None = None, usage: dict | None = None) -> Message | None:
         """Record how the run ended, with its reply (a partial one when cancelled or failed), as long as this
         process still runs the thread: otherwise LeaseLost, and nothing is written. `error`: {code, message,
@@ -796,117 +843,116 @@ class Store:
         assert status in RUN_STATES[2:]
         now = time.time()
         message = None
-        async with self.db.transaction() as tx:
-            if not await tx.run("UPDATE threads SET updated_at = CASE WHEN ? THEN ? ELSE updated_at END "
-                                "WHERE id = ? AND runner = ?", reply is not None, now, run.thread_id, runner):
-                raise LeaseLost(run.thread_id)
-            if reply is not None:
-                row = await tx.row("INSERT INTO messages (id, thread_id, role, content, assistant_id, assistant_name, "
-                                   "run_id, cancelled, failed, created_at) "
-                                   "VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-                                   new_id("msg"), run.thread_id, reply, run.assistant.id, run.assistant.name,
-                                   run.id, status == "cancelled", status == "failed", int(now))
-                message = Message.model_validate(row)
-            usage = usage or {}
-            await tx.run("UPDATE runs SET status = ?, reply_id = ?, error_code = ?, error_message = ?, "
-                         "retry_after = ?, input_tokens = ?, output_tokens = ?, ended_at = ? WHERE id = ?",
-                         status, message and message.id, error and error["code"], error and error["message"],
-                         error and error.get("retry_after"), usage.get("input_tokens"), usage.get("output_tokens"),
-                         now, run.id)
+        if not await tx.run("UPDATE threads SET updated_at = CASE WHEN ? THEN ? ELSE updated_at END "
+                            "WHERE id = ? AND runner = ?", reply is not None, now, run.thread_id, runner):
+            raise LeaseLost(run.thread_id)
+        if reply is not None:
+            row = await tx.row("INSERT INTO messages (id, thread_id, role, content, assistant_id, assistant_name, "
+                               "run_id, cancelled, failed, created_at) "
+                               "VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                               new_id("msg"), run.thread_id, reply, run.assistant.id, run.assistant.name,
+                               run.id, status == "cancelled", status == "failed", int(now))
+            message = Message.model_validate(row)
+        usage = usage or {}
+        await tx.run("UPDATE runs SET status = ?, reply_id = ?, error_code = ?, error_message = ?, "
+                     "retry_after = ?, input_tokens = ?, output_tokens = ?, ended_at = ? WHERE id = ?",
+                     status, message and message.id, error and error["code"], error and error["message"],
+                     error and error.get("retry_after"), usage.get("input_tokens"), usage.get("output_tokens"),
+                     now, run.id)
         return message
 
-    async def request_cancel(self, thread_id: str, run_id: str, by: str) -> Run:
+    @transaction
+    async def request_cancel(self, tx: Cursor, thread_id: str, run_id: str, by: str) -> Run:
         """Ask for the run to stop: a queued run is cancelled here and now, an active one is marked for its
         runner; the rounds still to come of the same request are cancelled with it (`rounds_dropped`).
         NotFound for a run not on the thread; Conflict once it has ended."""
-        async with self.db.transaction() as tx:
-            row = await tx.one("SELECT * FROM runs WHERE id = ? AND thread_id = ?", run_id, thread_id)
-            if row is None:
-                raise NotFound("run not found")
-            if row["status"] not in PENDING:
-                raise Conflict(f"the run has already ended ({row['status']})")
-            if row["status"] == "queued":
-                await tx.run("UPDATE runs SET status = 'cancelled', cancelled_by = ?, ended_at = ? WHERE id = ?",
-                             by, time.time(), run_id)
-            elif row["cancelled_by"] is None:
-                await tx.run("UPDATE runs SET cancelled_by = ? WHERE id = ?", by, run_id)
-            dropped = await tx.all("UPDATE runs SET status = 'cancelled', cancelled_by = ?, ended_at = ? "
-                                   "WHERE thread_id = ? AND submission_id = ? AND submission_round > ? "
-                                   "AND status = 'queued' RETURNING id, n", by, time.time(), thread_id,
-                                   row["submission_id"], row["submission_round"])
-            row = await tx.row("SELECT * FROM runs WHERE id = ?", run_id)
+        row = await tx.one("SELECT * FROM runs WHERE id = ? AND thread_id = ?", run_id, thread_id)
+        if row is None:
+            raise NotFound("run not found")
+        if row["status"] not in PENDING:
+            raise Conflict(f"the run has already ended ({row['status']})")
+        if row["status"] == "queued":
+            await tx.run("UPDATE runs SET status = 'cancelled', cancelled_by = ?, ended_at = ? WHERE id = ?",
+                         by, time.time(), run_id)
+        elif row["cancelled_by"] is None:
+            await tx.run("UPDATE runs SET cancelled_by = ? WHERE id = ?", by, run_id)
+        dropped = await tx.all("UPDATE runs SET status = 'cancelled', cancelled_by = ?, ended_at = ? "
+                               "WHERE thread_id = ? AND submission_id = ? AND submission_round > ? "
+                               "AND status = 'queued' RETURNING id, n", by, time.time(), thread_id,
+                               row["submission_id"], row["submission_round"])
+        row = await tx.row("SELECT * FROM runs WHERE id = ?", run_id)
         in_order = sorted(dropped, key=lambda run: run["n"])
         return Run.model_validate(row).model_copy(update={"rounds_dropped": tuple(run["id"] for run in in_order)})
 
-    async def threads_waiting_for_a_runner(self, limit: int = 100) -> list[str]:
+    @reading
+    async def threads_waiting_for_a_runner(self, tx: Cursor, limit: int = 100) -> list[str]:
         """Threads with pending runs that no live process is running: new, or left by one that stopped."""
-        async with self.db.reading() as tx:
-            rows = await tx.all("SELECT DISTINCT r.thread_id FROM runs r JOIN threads t ON t.id = r.thread_id "
-                                "WHERE r.status IN ('queued', 'active') AND (t.runner IS NULL OR t.runner_until < ?) "
-                                "LIMIT ?", time.time(), limit)
+        rows = await tx.all("SELECT DISTINCT r.thread_id FROM runs r JOIN threads t ON t.id = r.thread_id "
+                            "WHERE r.status IN ('queued', 'active') AND (t.runner IS NULL OR t.runner_until < ?) "
+                            "LIMIT ?", time.time(), limit)
         return [row["thread_id"] for row in rows]
 
     # ------------------------------------------------------------ tool calls
 
-    async def add_tool_calls(self, run: Run, runner: str, calls: list[dict]) -> list[Message]:
+    @transaction
+    async def add_tool_calls(self, tx: Cursor, run: Run, runner: str, calls: list[dict]) -> list[Message]:
         """Store the calls a model made in one step (each {call_id, name, arguments, runs_on}), waiting for
         their outputs, as long as this process still runs the thread (else LeaseLost)."""
         now = time.time()
-        async with self.db.transaction() as tx:
-            if not await tx.run("UPDATE threads SET updated_at = ? WHERE id = ? AND runner = ?",
-                                now, run.thread_id, runner):
-                raise LeaseLost(run.thread_id)
-            rows = [await tx.row("INSERT INTO messages (id, thread_id, role, content, assistant_id, assistant_name, "
-                                 "run_id, cancelled, call_id, tool_name, tool_arguments, runs_on, created_at) "
-                                 "VALUES (?, ?, 'tool', '', ?, ?, ?, FALSE, ?, ?, ?, ?, ?) RETURNING *",
-                                 new_id("msg"), run.thread_id, run.assistant.id, run.assistant.name, run.id,
-                                 call["call_id"], call["name"], call["arguments"], call["runs_on"], int(now))
-                    for call in calls]
+        if not await tx.run("UPDATE threads SET updated_at = ? WHERE id = ? AND runner = ?",
+                            now, run.thread_id, runner):
+            raise LeaseLost(run.thread_id)
+        rows = [await tx.row("INSERT INTO messages (id, thread_id, role, content, assistant_id, assistant_name, "
+                             "run_id, cancelled, call_id, tool_name, tool_arguments, runs_on, created_at) "
+                             "VALUES (?, ?, 'tool', '', ?, ?, ?, FALSE, ?, ?, ?, ?, ?) RETURNING *",
+                             new_id("msg"), run.thread_id, run.assistant.id, run.assistant.name, run.id,
+                             call["call_id"], call["name"], call["arguments"], call["runs_on"], int(now))
+                for call in calls]
         return [Message.model_validate(row) for row in rows]
 
-    async def tool_calls(self, run_id: str) -> list[Message]:
+    @reading
+    async def tool_calls(self, tx: Cursor, run_id: str) -> list[Message]:
         """The run's calls, answered or not, in the order the model made them."""
-        async with self.db.reading() as tx:
-            rows = await tx.all("SELECT * FROM messages WHERE run_id = ? AND role = 'tool' ORDER BY n", run_id)
+        rows = await tx.all("SELECT * FROM messages WHERE run_id = ? AND role = 'tool' ORDER BY n", run_id)
         return [Message.model_validate(row) for row in rows]
 
-    async def answer_tool_calls(self, thread_id: str, run_id: str, outputs: list[tuple[str, str]],
+    @transaction
+    async def answer_tool_calls(self, tx: Cursor, thread_id: str, run_id: str, outputs: list[tuple[str, str]],
                                 runs_on: str = "client") -> list[Message]:
         """Store outputs ([(call_id, output)]) of calls that run on `runs_on`, all or none; the first answer to a
         call wins. NotFound for a run not on the thread or a call not of the run; Conflict for a call already
         answered or run elsewhere, or a run that has ended."""
-        async with self.db.transaction() as tx:
-            run = await tx.one("SELECT status FROM runs WHERE id = ? AND thread_id = ?", run_id, thread_id)
-            if run is None:
-                raise NotFound("run not found")
-            answered = []
-            for call_id, output in outputs:
-                # One statement decides, so two answers at once (on any processes) cannot both win.
-                row = await tx.one("UPDATE messages SET content = ?, answered = TRUE WHERE run_id = ? AND call_id = ? "
-                                   "AND role = 'tool' AND runs_on = ? AND NOT answered RETURNING *",
-                                   output, run_id, call_id, runs_on)
-                if row is None:
-                    call = await tx.one("SELECT runs_on FROM messages WHERE run_id = ? AND call_id = ? "
-                                        "AND role = 'tool'", run_id, call_id)
-                    if call is None:
-                        raise NotFound(f"call {call_id!r} not found in this run")
-                    if call["runs_on"] != runs_on:
-                        raise Conflict(f"call {call_id!r} runs on the {call['runs_on']}")
-                    raise Conflict(f"call {call_id!r} has already been answered")
-                answered.append(Message.model_validate(row))
-            if run["status"] not in PENDING:
-                raise Conflict(f"the run has already ended ({run['status']})")
+        run = await tx.one("SELECT status FROM runs WHERE id = ? AND thread_id = ?", run_id, thread_id)
+        if run is None:
+            raise NotFound("run not found")
+        answered = []
+        for call_id, output in outputs:
+            # One statement decides, so two answers at once (on any processes) cannot both win.
+            row = await tx.one("UPDATE messages SET content = ?, answered = TRUE WHERE run_id = ? AND call_id = ? "
+                               "AND role = 'tool' AND runs_on = ? AND NOT answered RETURNING *",
+                               output, run_id, call_id, runs_on)
+            if row is None:
+                call = await tx.one("SELECT runs_on FROM messages WHERE run_id = ? AND call_id = ? "
+                                    "AND role = 'tool'", run_id, call_id)
+                if call is None:
+                    raise NotFound(f"call {call_id!r} not found in this run")
+                if call["runs_on"] != runs_on:
+                    raise Conflict(f"call {call_id!r} runs on the {call['runs_on']}")
+                raise Conflict(f"call {call_id!r} has already been answered")
+            answered.append(Message.model_validate(row))
+        if run["status"] not in PENDING:
+            raise Conflict(f"the run has already ended ({run['status']})")
         return answered
 
-    async def close_tool_calls(self, run_id: str, output: str) -> list[Message]:
+    @transaction
+    async def close_tool_calls(self, tx: Cursor, run_id: str, output: str) -> list[Message]:
         """Give the run's unanswered calls `output` (the run ends without them); returns those calls."""
-        async with self.db.transaction() as tx:
-            rows = await tx.all("UPDATE messages SET content = ?, answered = TRUE WHERE run_id = ? AND role = 'tool' "
-                                "AND NOT answered RETURNING *", output, run_id)
+        rows = await tx.all("UPDATE messages SET content = ?, answered = TRUE WHERE run_id = ? AND role = 'tool' "
+                            "AND NOT answered RETURNING *", output, run_id)
         return [Message.model_validate(row) for row in sorted(rows, key=lambda row: row["n"])]
 
-    async def check(self) -> None:
+    @reading
+    async def check(self, tx: Cursor) -> None:
         """A round trip to the database, for health checks."""
-        async with self.db.reading() as tx:
-            await tx.one("SELECT 1 AS ok")
+        await tx.one("SELECT 1 AS ok")
 

@@ -230,8 +230,8 @@ async def set_up(rig: Rig, **engine_options) -> Setup:
 
 async def expire_lease(store: Store, thread_id: str) -> None:
     """As if the runner holding the thread had died: its lease ran out."""
-    async with store.db.transaction() as tx:
-        await tx.run("UPDATE threads SET runner_until = ? WHERE id = ?", time.time() - 1, thread_id)
+    await store.db.transaction(lambda tx: tx.run("UPDATE threads SET runner_until = ? WHERE id = ?",
+                                                 time.time() - 1, thread_id))
 
 
 async def stored_run(store: Store, run_id: str):

@@ -48,8 +48,8 @@ async def store(open_store):
 
 async def expire_lease(store: Store, thread_id: str) -> None:
     """As if the lease's time had run out (the runner stopped renewing it)."""
-    async with store.db.transaction() as tx:
-        await tx.run("UPDATE threads SET runner_until = ? WHERE id = ?", time.time() - 1, thread_id)
+    await store.db.transaction(lambda tx: tx.run("UPDATE threads SET runner_until = ? WHERE id = ?",
+                                                 time.time() - 1, thread_id))
 
 
 async def shared_default(store: Store):
@@ -60,9 +60,10 @@ async def shared_default(store: Store):
 
 async def test_the_schema_is_created_once_and_a_newer_one_is_refused(open_store, store):
     await store.migrate()  # again: nothing to do
-    async with store.db.transaction() as tx:
+    async def one_version_ahead(tx):
         assert (await tx.one("SELECT version FROM schema_version"))["version"] == len(MIGRATIONS)
         await tx.run("UPDATE schema_version SET version = ?", len(MIGRATIONS) + 1)
+    await store.db.transaction(one_version_ahead)
     with pytest.raises(RuntimeError, match="newer than this code"):
         await open_store()
 
