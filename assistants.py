@@ -116,6 +116,10 @@ def clean_text(text: str) -> str:
 # ---------------------------------------------------------------- the stream, with a fast path for text deltas
 
 DELTA_TYPES = ("response.output_text.delta", "response.refusal.delta")
+# The events a run reads; the rest (response.created, content parts, the text done, ...) repeat what these say,
+# and are not built at all.
+READ_TYPES = frozenset((*DELTA_TYPES, "response.output_item.added", "response.output_item.done",
+                        "response.completed", "response.failed", "response.incomplete", "error"))
 # Each stream event's own type by its `type`: handed the union, the SDK's `construct_type` first validates the
 # whole event against it, only to build the same type when that passes.
 STREAM_EVENT_TYPES = {value: variant for variant in get_args(get_args(ResponseStreamEvent)[0])
@@ -132,9 +136,10 @@ class TextDelta(NamedTuple):
 
 
 async def stream_events(client: openai.AsyncOpenAI, **request) -> AsyncGenerator:
-    """What `client.responses.create(**request, stream=True)` yields, but text deltas come as TextDelta.
+    """What `client.responses.create(**request, stream=True)` yields of the events a run reads (READ_TYPES),
+    but text deltas come as TextDelta.
 
-    Read as leniently as the SDK reads by default: every other event is built into the SDK's own type
+    Read as leniently as the SDK reads by default: every other event read is built into the SDK's own type
     without validation (`construct_type`, as the SDK does), so a server that leaves optional fields out
     (`logprobs`, `sequence_number`, usage details), adds its own, or sends event types newer than the SDK
     still works; a field it left out reads as None. Why deltas skip even that: building an event costs
@@ -160,8 +165,8 @@ async def stream_events(client: openai.AsyncOpenAI, **request) -> AsyncGenerator
                 item_id = event.get("item_id")
                 yield TextDelta(kind, item_id if type(item_id) is str else None, event["delta"])
                 continue
-            variant = STREAM_EVENT_TYPES.get(kind) if isinstance(kind, str) else None
-            yield construct_type(value=event, type_=variant or ResponseStreamEvent)
+            if isinstance(kind, str) and kind in READ_TYPES:
+                yield construct_type(value=event, type_=STREAM_EVENT_TYPES[kind])
 
 
 async def server_sent_data(response) -> AsyncGenerator[str, None]:

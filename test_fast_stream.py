@@ -15,7 +15,7 @@ import openai
 import pytest
 from openai.types.responses import ResponseRefusalDeltaEvent, ResponseTextDeltaEvent
 
-from assistants import Engine, RunEventHandler, TextDelta, stream_events
+from assistants import READ_TYPES, Engine, RunEventHandler, TextDelta, stream_events
 from offline_model import FAULTS, OfflineModel, serve_on_loopback
 from store import Store, database_for
 
@@ -55,7 +55,8 @@ async def through_sdk(client: openai.AsyncOpenAI) -> tuple[list, tuple | None]:
     try:
         async with await client.responses.create(**REQUEST, stream=True) as stream:
             async for event in stream:
-                events.append(seen(event))
+                if event.type in READ_TYPES:  # the events a run reads
+                    events.append(seen(event))
     except Exception as failure:  # what the engine would catch
         error = failure
     return events, raised(error)
