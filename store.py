@@ -11,16 +11,18 @@ the last step it has taken, so a later version adds a step and every database ca
 """
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import json
 import math
 import os
+import queue
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -213,6 +215,15 @@ def to_the_end(coroutine: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("a transaction's work waited on something other than its statements")
 
 
+def settle(answer: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if answer.cancelled():
+        return
+    if error is None:
+        answer.set_result(result)
+    else:
+        answer.set_exception(error)
+
+
 class SQLite:
     """One connection on one thread of its own. A transaction goes to that thread whole, its work with it:
     one trip there and back, however many statements (each trip costs tens of µs of the event loop's CPU)."""
@@ -221,11 +232,29 @@ class SQLite:
 
     def __init__(self, path: str):
         self.path = path
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="sqlite", daemon=True)
         self._lock_file: int | None = None
 
     async def call(self, function):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+        """`function()` on the database's thread. A thread of our own rather than an executor's: a third less
+        CPU a trip (an executor's futures are made for many threads and many callers)."""
+        if not self._thread.is_alive():
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._calls.put((function, loop, answer))
+        return await answer
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            function, loop, answer = call
+            try:
+                result, error = function(), None
+            except BaseException as raised:
+                result, error = None, raised
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, answer, result, error)
 
     async def open(self) -> None:
         self.connection = await self.call(self._connect)
@@ -246,7 +275,9 @@ class SQLite:
     async def close(self) -> None:
         if hasattr(self, "connection"):
             await self.call(self.connection.close)
-        self._executor.shutdown(wait=True)
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join()
         if self._lock_file is not None:
             os.close(self._lock_file)
 
