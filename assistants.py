@@ -441,39 +441,45 @@ class Engine:
         self._draining[thread_id] = asyncio.create_task(self._drain(thread_id))
 
     async def _drain(self, thread_id: str) -> None:
+        held, keeper = False, None
         try:
-            while True:
-                self._kicked_again.discard(thread_id)
-                if not await self.store.take_thread(thread_id, self.runner_id, self.lease_seconds):
-                    return  # another process runs the thread; it looks for more when it lets go
+            while not self._stopping:
+                self._kicked_again.discard(thread_id)  # a run queued from here on is found by the next start
                 try:
-                    await self._run_queue(thread_id)
-                finally:
-                    release = asyncio.ensure_future(self.store.release_thread(thread_id, self.runner_id))
-                    try:
-                        pending = await asyncio.shield(release)
-                    except asyncio.CancelledError:
-                        await release  # stopping: let go of the thread first, or it waits out its lease
+                    started = await self.store.start_next_run(thread_id, self.runner_id, self.lease_seconds)
+                except LeaseLost:
+                    if held:
                         raise
-                if self._stopping or not (pending or thread_id in self._kicked_again):
+                    return  # another process runs the thread; it looks for more when it lets go
+                held = started is not None
+                if started is None:  # none pending, and the thread let go: unless a run came in since, done
+                    if thread_id in self._kicked_again:
+                        continue
                     return
+                keeper = keeper or asyncio.create_task(self._keep_lease(thread_id, asyncio.current_task()))
+                await self._execute(*started)
         except LeaseLost:
             log.warning("lost the lease on thread %s to another process; it takes over", thread_id)
         except Exception:
             log.exception("running the queue of thread %s failed; it is retried shortly", thread_id)
         finally:
-            del self._draining[thread_id]
+            if keeper is not None:
+                keeper.cancel()
+            try:
+                if held:  # stopping, cut off or failed with runs left: let go, or the thread waits out its lease
+                    await self._let_go(thread_id)
+            finally:
+                del self._draining[thread_id]
 
-    async def _run_queue(self, thread_id: str) -> None:
-        keeper = asyncio.create_task(self._keep_lease(thread_id, asyncio.current_task()))
+    async def _let_go(self, thread_id: str) -> None:
+        release = asyncio.ensure_future(self.store.release_thread(thread_id, self.runner_id))
         try:
-            while not self._stopping:
-                started = await self.store.start_next_run(thread_id, self.runner_id)
-                if started is None:
-                    return
-                await self._execute(*started)
-        finally:
-            keeper.cancel()
+            await asyncio.shield(release)
+        except asyncio.CancelledError:
+            await release  # stopping: let go of the thread first
+            raise
+        except Exception:
+            log.exception("letting go of thread %s failed; its lease runs out", thread_id)
 
     async def _keep_lease(self, thread_id: str, drain: asyncio.Task | None) -> None:
         try:

@@ -822,14 +822,6 @@ class Store:
         return {row["id"]: Message.model_validate(row) for row in rows}
 
     @transaction
-    async def take_thread(self, tx: Cursor, thread_id: str, runner: str, lease_seconds: float) -> bool:
-        """Become the one process that runs the thread's runs, for `lease_seconds` unless renewed."""
-        now = time.time()
-        return bool(await tx.run("UPDATE threads SET runner = ?, runner_until = ? WHERE id = ? "
-                                 "AND (runner IS NULL OR runner = ? OR runner_until < ?)",
-                                 runner, now + lease_seconds, thread_id, runner, now))
-
-    @transaction
     async def renew_thread(self, tx: Cursor, thread_id: str, runner: str, lease_seconds: float) -> dict[str, str]:
         """Extend the lease; raises LeaseLost if another process has it. Returns the thread's active runs
         that someone asked to cancel, and who (in case the signal did not arrive)."""
@@ -841,26 +833,29 @@ class Store:
         return {row["id"]: row["cancelled_by"] for row in rows}
 
     @transaction
-    async def release_thread(self, tx: Cursor, thread_id: str, runner: str) -> bool:
-        """Give the thread up; returns whether runs are still pending on it."""
+    async def release_thread(self, tx: Cursor, thread_id: str, runner: str) -> None:
+        """Give the thread up (a runner stopping, or cut off, before its queue is empty)."""
         await tx.run("UPDATE threads SET runner = NULL, runner_until = NULL WHERE id = ? AND runner = ?",
                      thread_id, runner)
-        pending = await tx.one("SELECT 1 AS pending FROM runs WHERE thread_id = ? "
-                               "AND status IN ('queued', 'active') LIMIT 1", thread_id)
-        return pending is not None
 
     @transaction
-    async def start_next_run(self, tx: Cursor, thread_id: str, runner: str) -> tuple[Run, Assistant | None] | None:
-        """The thread's oldest pending run, marked active (a run found active was cut off: it runs again),
-        with its assistant as it is now (None if deleted meanwhile)."""
+    async def start_next_run(self, tx: Cursor, thread_id: str, runner: str,
+                             lease_seconds: float) -> tuple[Run, Assistant | None] | None:
+        """Hold the thread (take its lease, or extend it: one process at a time runs a thread's runs) and mark
+        its oldest pending run active (a run found active was cut off: it runs again); returns it with its
+        assistant as it is now (None if deleted meanwhile). With none pending, the thread is let go in the same
+        transaction and this returns None. LeaseLost if another process holds the thread (or it is gone)."""
+        now = time.time()
+        if not await tx.run("UPDATE threads SET runner = ?, runner_until = ? WHERE id = ? "
+                            "AND (runner IS NULL OR runner = ? OR runner_until < ?)",
+                            runner, now + lease_seconds, thread_id, runner, now):
+            raise LeaseLost(thread_id)
         row = await tx.one(
             "UPDATE runs SET status = 'active', attempts = attempts + 1, started_at = ? WHERE id = "
             "(SELECT id FROM runs WHERE thread_id = ? AND status IN ('queued', 'active') ORDER BY n LIMIT 1) "
-            "AND EXISTS (SELECT 1 FROM threads WHERE id = ? AND runner = ?) RETURNING *",
-            time.time(), thread_id, thread_id, runner)
-        if row is None:  # none pending, or the thread is not this runner's any more
-            if not await tx.one("SELECT 1 AS mine FROM threads WHERE id = ? AND runner = ?", thread_id, runner):
-                raise LeaseLost(thread_id)
+            "RETURNING *", now, thread_id)
+        if row is None:
+            await tx.run("UPDATE threads SET runner = NULL, runner_until = NULL WHERE id = ?", thread_id)
             return None
         assistant = await tx.one("SELECT * FROM assistants WHERE id = ?", row["assistant_id"])
         return Run.model_validate(row), Assistant.model_validate(assistant) if assistant else None

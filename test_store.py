@@ -263,8 +263,7 @@ async def test_runs_wait_in_arrival_order_and_each_thread_bounds_its_queue(open_
         await store.submit(thread.id, "bob", "three", [assistant])
     assert full.value.retry_after
     assert [message.content for message in (await store.list_messages(thread.id, Page())).data] == ["one", "two"]
-    assert await store.take_thread(thread.id, "p1", 30)
-    started, _ = await store.start_next_run(thread.id, "p1")
+    started, _ = await store.start_next_run(thread.id, "p1", 30)
     assert started.id == first.runs[0].id
 
 
@@ -284,24 +283,24 @@ async def test_one_process_runs_a_thread_until_its_lease_runs_out(open_store):
     assistant = await shared_default(first)
     thread = await first.create_thread("alice", [], None)
     submission = await first.submit(thread.id, "alice", "hi", [assistant])
-    assert await first.take_thread(thread.id, "p1", 30)
-    assert not await second.take_thread(thread.id, "p2", 30)
-    run, _ = await first.start_next_run(thread.id, "p1")
+    run, _ = await first.start_next_run(thread.id, "p1", 30)
+    with pytest.raises(LeaseLost):
+        await second.start_next_run(thread.id, "p2", 30)
     await expire_lease(first, thread.id)
-    assert await second.take_thread(thread.id, "p2", 30)
+    again, _ = await second.start_next_run(thread.id, "p2", 30)
+    assert (again.id, again.attempts) == (submission.runs[0].id, 2)  # cut off once: it runs again
     with pytest.raises(LeaseLost):
         await first.finish_run(run, "p1", "completed", reply="too late")
     with pytest.raises(LeaseLost):
         await first.renew_thread(thread.id, "p1", 30)
-    again, _ = await second.start_next_run(thread.id, "p2")
-    assert (again.id, again.attempts) == (submission.runs[0].id, 2)  # cut off once: it runs again
     reply = await second.finish_run(again, "p2", "completed", reply="in time", usage={"input_tokens": 3,
                                                                                       "output_tokens": 2})
     assert reply.run_id == again.id
     (ended,) = await second.runs([again.id])
     assert (ended.status, ended.reply_id, ended.usage) == ("completed", reply.id,
                                                            {"input_tokens": 3, "output_tokens": 2})
-    assert not await second.release_thread(thread.id, "p2")
+    assert await second.start_next_run(thread.id, "p2", 30) is None  # none left: the thread is let go
+    assert await first.start_next_run(thread.id, "p1", 30) is None
     assert [m.content for m in (await second.list_messages(thread.id, Page())).data] == ["hi", "in time"]
 
 
@@ -310,7 +309,7 @@ async def test_threads_left_by_a_stopped_process_are_found_again(store):
     thread = await store.create_thread("alice", [], None)
     await store.submit(thread.id, "alice", "hi", [assistant])
     assert await store.threads_waiting_for_a_runner() == [thread.id]
-    await store.take_thread(thread.id, "p1", 30)
+    await store.start_next_run(thread.id, "p1", 30)
     assert await store.threads_waiting_for_a_runner() == []
     await expire_lease(store, thread.id)  # the process died
     assert await store.threads_waiting_for_a_runner() == [thread.id]
@@ -321,8 +320,7 @@ async def test_cancelling_a_queued_run_ends_it_and_an_active_one_is_marked_for_i
     thread = await store.create_thread("alice", ["bob"], None)
     submission = await store.submit(thread.id, "alice", "hi", [assistant, assistant])
     active_id, queued_id = (run.id for run in submission.runs)
-    await store.take_thread(thread.id, "p1", 30)
-    await store.start_next_run(thread.id, "p1")
+    await store.start_next_run(thread.id, "p1", 30)
     queued = await store.request_cancel(thread.id, queued_id, "bob")
     assert (queued.status, queued.cancelled_by) == ("cancelled", "bob")
     active = await store.request_cancel(thread.id, active_id, "bob")
@@ -335,7 +333,7 @@ async def test_cancelling_a_queued_run_ends_it_and_an_active_one_is_marked_for_i
     other = await store.create_thread("bob", [], None)
     with pytest.raises(NotFound):
         await store.request_cancel(other.id, queued_id, "bob")
-    assert await store.start_next_run(thread.id, "p1") is None
+    assert await store.start_next_run(thread.id, "p1", 30) is None
 
 
 async def test_the_sqlite_file_is_readable_by_its_owner_only(tmp_path):
