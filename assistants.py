@@ -292,6 +292,17 @@ def input_items(message: Message, assistant: Assistant) -> list[dict]:
              f"{call.name}({call.arguments}), which returned] {message.content}"}]
 
 
+def request_body(run: Run, assistant: Assistant, history: list[dict], tools: list[dict]) -> dict:
+    """A response's request, sent in the body as it is (`extra_body`): the SDK would first walk it through its
+    typed transform, to give back the same JSON (test_fast_stream.py checks that it does), at 0.7 ms an input
+    item, measured, and 80 µs for `model` alone (hashing the Literal of every model name it knows)."""
+    return {"model": assistant.model, "instructions": f"{assistant.instructions}\n\n{ATTRIBUTION_NOTE}".lstrip(),
+            # The service keeps the conversation itself and sends it every time: nothing needs to stay upstream.
+            "store": False,
+            "metadata": {"run_id": run.id, "assistant_id": assistant.id, "assistant_name": assistant.name},
+            "input": history} | ({"tools": tools} if tools else {})
+
+
 def tool_calls(messages: Iterable[Message]) -> list[ToolCall]:
     return [message.tool_call for message in messages if message.tool_call is not None]
 
@@ -608,20 +619,11 @@ class Engine:
         """Stream one response, its deltas into `parts` and out as events, its function calls into `calls`
         (by call id); returns the usage, or raises UpstreamError. Commentary (a message whose phase is not
         the final answer) is not the reply."""
-        history = await self.history(run.thread_id, assistant)
+        body = request_body(run, assistant, await self.history(run.thread_id, assistant), tools)
         not_the_reply: set[str | None] = set()
         completed, usage = False, None
         with upstream_errors():
-            events = stream_events(
-                self.client, model=assistant.model,
-                instructions=f"{assistant.instructions}\n\n{ATTRIBUTION_NOTE}".lstrip(),
-                # The service keeps the conversation itself and sends it every time: nothing needs to stay upstream.
-                store=False,
-                metadata={"run_id": run.id, "assistant_id": assistant.id, "assistant_name": assistant.name},
-                # `input` goes into the body as it is. The SDK would first walk each item against its typed
-                # definitions, to give back the same plain messages: 0.7 ms an item, measured, so 70 ms with the
-                # event loop held for a thread of 100 messages. test_fast_stream.py checks that it is the same.
-                extra_body={"input": history} | ({"tools": tools} if tools else {}))
+            events = stream_events(self.client, extra_body=body)
             async with contextlib.aclosing(events):
                 async for event in events:
                     kind = event.type

@@ -788,9 +788,9 @@ async def per_run_overhead(service: ServiceTarget, runs: int, cpu: int | None) -
             "sdk_ms": sdk} | total
 
 
-SDK_REQUESTS = {  # the history as the SDK's typed `input`, and as the service sends it (in the body as it is)
-    "typed input": lambda history: {"input": history},
-    "extra_body": lambda history: {"extra_body": {"input": history}},
+SDK_REQUESTS = {  # typed arguments, and the request as the service sends it (in the body as it is)
+    "typed input": lambda history: {"model": "bench", "input": history},
+    "extra_body": lambda history: {"extra_body": {"model": "bench", "input": history}},
 }
 
 
@@ -820,7 +820,7 @@ async def sdk_requests(model_url: str, requests: int) -> dict[str, dict]:
                 request = shape([{"type": "message", "role": "user", "content": "[bench] " + words(deltas)}])
 
                 async def one():
-                    async for _ in await client.responses.create(model="bench", stream=True, **request):
+                    async for _ in await client.responses.create(stream=True, **request):
                         pass
                 for _ in range(20):
                     await one()
