@@ -13,10 +13,9 @@ import json
 import httpx2
 import openai
 import pytest
-from openai.types.responses import ResponseRefusalDeltaEvent, ResponseTextDeltaEvent
 
 from api import Assistant
-from assistants import READ_TYPES, Engine, RunEventHandler, TextDelta, request_body, stream_events
+from assistants import DELTA_TYPES, READ_TYPES, Engine, Fields, RunEventHandler, TextDelta, request_body, stream_events
 from offline_model import FAULTS, OfflineModel, serve_on_loopback
 from store import Run, Store, database_for
 from tools import tool_spec
@@ -26,10 +25,11 @@ REQUEST = {"model": "gpt-test", "input": [{"type": "message", "role": "user", "c
 
 
 def seen(event) -> tuple:
-    """What an event says, whichever path produced it: a delta by its fields, any other event whole."""
-    if isinstance(event, (TextDelta, ResponseTextDeltaEvent, ResponseRefusalDeltaEvent)):
+    """What an event says, whichever path produced it: a delta by its fields, any other event whole (the SDK's
+    type as the JSON it was built from)."""
+    if event.type in DELTA_TYPES:
         return ("delta", event.type, event.item_id, event.delta)
-    return (type(event).__name__, event.model_dump())
+    return (event.type, dict(event) if isinstance(event, Fields) else event.to_dict())
 
 
 def without_ids(value):
@@ -254,10 +254,14 @@ async def test_a_body_broken_midway_raises_the_same_error_both_ways(failure):
     assert sdk_error[0] in (openai.APIConnectionError, openai.APITimeoutError)
 
 
-async def test_deltas_skip_pydantic_and_other_events_are_the_sdks_own_types():
+async def test_deltas_skip_pydantic_and_other_events_are_their_json_objects_read_by_attribute():
     events = [event async for event in stream_events(served([sse(text_reply())]), **REQUEST)]
     assert [type(event).__name__ for event in events if isinstance(event, TextDelta)] == ["TextDelta"] * 4
-    assert {type(event).__module__.split(".")[0] for event in events if not isinstance(event, TextDelta)} == {"openai"}
+    others = [event for event in events if not isinstance(event, TextDelta)]
+    assert {type(event) for event in others} == {Fields}
+    completed = others[-1]
+    assert (completed.type, completed.response.usage.output_tokens, completed.response.no_such_field) == (
+        "response.completed", completed["response"]["usage"]["output_tokens"], None)
 
 
 async def test_streams_that_strict_validation_refuses_are_read_without_error():
