@@ -168,8 +168,10 @@ def reading(method: Callable[Concatenate[Any, Cursor, P], Coroutine[Any, Any, T]
     return in_reading
 
 
-def dict_factory(cursor: sqlite3.Cursor, row: tuple) -> dict:
-    return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
+
+
+def columns(cursor: sqlite3.Cursor) -> list[str]:
+    return [column[0] for column in cursor.description]
 
 
 class Cancelled(Exception):
@@ -189,10 +191,14 @@ class SQLiteCursor(Cursor):
         return self._connection.execute(sql, params)
 
     async def one(self, sql, *params):
-        return self._execute(sql, params).fetchone()
+        cursor = self._execute(sql, params)
+        row = cursor.fetchone()
+        return None if row is None else dict(zip(columns(cursor), row, strict=True))
 
     async def all(self, sql, *params):
-        return self._execute(sql, params).fetchall()
+        cursor = self._execute(sql, params)
+        names = columns(cursor)  # once a statement: a row_factory would look them up again for every row
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     async def run(self, sql, *params):
         return self._execute(sql, params).rowcount
@@ -266,7 +272,6 @@ class SQLite:
         # The file holds everyone's messages and the generated token secret: owner only.
         os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        connection.row_factory = dict_factory
         connection.execute("PRAGMA busy_timeout = 10000")  # several processes: wait for the writer
         connection.execute("PRAGMA journal_mode = WAL")
         connection.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; a power cut may lose the last commits
