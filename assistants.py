@@ -23,7 +23,7 @@ import openai
 
 from api import Assistant, AssistantRefOut, ClientTool, Message, RunError, ToolCall
 from errors import Conflict, Unavailable, UpstreamError, UpstreamRateLimited, UpstreamTimeout
-from store import LeaseLost, Run, Store, Submission
+from store import LeaseLost, Run, Started, Store, Submission
 from tools import call_server_tool, tool_spec
 
 log = logging.getLogger("gainz")
@@ -467,20 +467,20 @@ class Engine:
         held, keeper = False, None
         try:
             while not self._stopping:
-                self._kicked_again.discard(thread_id)  # a run queued from here on is found by the next start
+                self._kicked_again.discard(thread_id)  # a run queued from here on is found by the next look
                 try:
                     started = await self.store.start_next_run(thread_id, self.runner_id, self.lease_seconds)
                 except LeaseLost:
                     if held:
                         raise
                     return  # another process runs the thread; it looks for more when it lets go
-                held = started is not None
-                if started is None:  # none pending, and the thread let go: unless a run came in since, done
-                    if thread_id in self._kicked_again:
-                        continue
+                while started is not None:  # a run's end starts the next one, in the same transaction
+                    held = True
+                    keeper = keeper or asyncio.create_task(self._keep_lease(thread_id, asyncio.current_task()))
+                    started = await self._execute(*started)
+                held = False  # none pending (or stopping), and the thread let go: unless a run came in since, done
+                if thread_id not in self._kicked_again:
                     return
-                keeper = keeper or asyncio.create_task(self._keep_lease(thread_id, asyncio.current_task()))
-                await self._execute(*started)
         except LeaseLost:
             log.warning("lost the lease on thread %s to another process; it takes over", thread_id)
         except Exception:
@@ -518,18 +518,22 @@ class Engine:
         except Exception:
             log.exception("renewing the lease on thread %s failed", thread_id)
 
-    async def _execute(self, run: Run, assistant: Assistant | None) -> None:
+    async def _execute(self, run: Run, assistant: Assistant | None) -> Started | None:
+        """Run it and record how it ended; returns the thread's next run, started in the same transaction (None:
+        none pending, or stopping, and the thread let go)."""
         thread_id, events = run.thread_id, self.events
         if run.cancelled_by:
-            await self.store.finish_run(run, self.runner_id, "cancelled")
-            return await events.on_run_cancelled(thread_id, run.id, run.cancelled_by, None)
+            _, started = await self._finish(run, "cancelled")
+            await events.on_run_cancelled(thread_id, run.id, run.cancelled_by, None)
+            return started
         await events.on_run_started(thread_id, run.id, run.assistant)
         if assistant is None or run.attempts > self.max_attempts:
             error = (UpstreamError("assistant_deleted", "the assistant was deleted before the run started")
                      if assistant is None else
                      UpstreamError("interrupted", f"the run was cut off {self.max_attempts} times; giving up"))
-            await self.store.finish_run(run, self.runner_id, "failed", error=error.as_record())
-            return await events.on_run_failed(thread_id, run.id, error, None)
+            _, started = await self._finish(run, "failed", error=error.as_record())
+            await events.on_run_failed(thread_id, run.id, error, None)
+            return started
         parts: list[str] = []
         stream = self._streams[run.id] = asyncio.create_task(self._stream(run, assistant, parts))
         try:
@@ -538,20 +542,26 @@ class Engine:
             by, this = self._cancelled_by.get(run.id), asyncio.current_task()
             if by is None or (this is not None and this.cancelling()):
                 raise  # the service is stopping, or lost the thread: the run stays pending for the next runner
-            message = await self.store.finish_run(run, self.runner_id, "cancelled", reply="".join(parts) or None)
+            message, started = await self._finish(run, "cancelled", reply="".join(parts) or None)
             await events.on_run_cancelled(thread_id, run.id, by, message)
         except UpstreamError as error:
             log.warning("run %s on thread %s failed: %s", run.id, thread_id, error.code)
             # What streamed before the failure was shown to every client: it is kept, marked as failed.
-            message = await self.store.finish_run(run, self.runner_id, "failed", reply="".join(parts) or None,
+            message, started = await self._finish(run, "failed", reply="".join(parts) or None,
                                                   error=error.as_record())
             await events.on_run_failed(thread_id, run.id, error, message)
         else:
-            message = await self.store.finish_run(run, self.runner_id, "completed", reply="".join(parts), usage=usage)
+            message, started = await self._finish(run, "completed", reply="".join(parts), usage=usage)
             await events.on_run_completed(thread_id, run.id, message, usage)
         finally:
             del self._streams[run.id]
             self._cancelled_by.pop(run.id, None)
+        return started
+
+    async def _finish(self, run: Run, status: str, **outcome) -> tuple[Message | None, Started | None]:
+        """Record the run's end and start the next one; stopping, let the thread go instead."""
+        return await self.store.finish_run(run, self.runner_id, status, **outcome,
+                                           next_lease=None if self._stopping else self.lease_seconds)
 
     async def history(self, thread_id: str, assistant: Assistant) -> list[dict]:
         """The thread's latest messages, oldest first, as many as fit the context budget."""

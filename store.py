@@ -497,6 +497,9 @@ class Limits:
     page_chars: int = 1024 * 1024
 
 
+Started = tuple[Run, Assistant | None]  # a run just marked active, with its assistant (None if deleted)
+
+
 @dataclass(frozen=True)
 class Submission:
     thread_id: str
@@ -844,17 +847,21 @@ class Store:
                      thread_id, runner)
 
     @transaction
-    async def start_next_run(self, tx: Cursor, thread_id: str, runner: str,
-                             lease_seconds: float) -> tuple[Run, Assistant | None] | None:
-        """Hold the thread (take its lease, or extend it: one process at a time runs a thread's runs) and mark
-        its oldest pending run active (a run found active was cut off: it runs again); returns it with its
-        assistant as it is now (None if deleted meanwhile). With none pending, the thread is let go in the same
-        transaction and this returns None. LeaseLost if another process holds the thread (or it is gone)."""
+    async def start_next_run(self, tx: Cursor, thread_id: str, runner: str, lease_seconds: float) -> Started | None:
+        """Hold the thread (take its lease, or extend it: one process at a time runs a thread's runs) and start
+        its next run (see `_start_next`). LeaseLost if another process holds the thread (or it is gone)."""
         now = time.time()
         if not await tx.run("UPDATE threads SET runner = ?, runner_until = ? WHERE id = ? "
                             "AND (runner IS NULL OR runner = ? OR runner_until < ?)",
                             runner, now + lease_seconds, thread_id, runner, now):
             raise LeaseLost(thread_id)
+        return await self._start_next(tx, thread_id, now)
+
+    @staticmethod
+    async def _start_next(tx: Cursor, thread_id: str, now: float) -> Started | None:
+        """Mark the held thread's oldest pending run active (a run found active was cut off: it runs again) and
+        return it with its assistant as it is now (None if deleted meanwhile); with none pending, let the thread
+        go and return None."""
         row = await tx.one(
             "UPDATE runs SET status = 'active', attempts = attempts + 1, started_at = ? WHERE id = "
             "(SELECT id FROM runs WHERE thread_id = ? AND status IN ('queued', 'active') ORDER BY n LIMIT 1) "
@@ -867,15 +874,18 @@ class Store:
 
     @transaction
     async def finish_run(self, tx: Cursor, run: Run, runner: str, status: str, reply: str | None = None,
-                         error: dict | None = None, usage: dict | None = None) -> Message | None:
+                         error: dict | None = None, usage: dict | None = None,
+                         next_lease: float | None = None) -> tuple[Message | None, Started | None]:
         """Record how the run ended, with its reply (a partial one when cancelled or failed), as long as this
         process still runs the thread: otherwise LeaseLost, and nothing is written. `error`: {code, message,
-        retry_after?}. Returns the stored reply."""
+        retry_after?}. In the same transaction, with `next_lease`, start the thread's next run for that long
+        (`_start_next`); without, let the thread go. Returns the stored reply, and the next run if started."""
         assert status in RUN_STATES[2:]
         now = time.time()
         message = None
-        if not await tx.run("UPDATE threads SET updated_at = CASE WHEN ? THEN ? ELSE updated_at END "
-                            "WHERE id = ? AND runner = ?", reply is not None, now, run.thread_id, runner):
+        if not await tx.run("UPDATE threads SET updated_at = CASE WHEN ? THEN ? ELSE updated_at END, "
+                            "runner_until = COALESCE(?, runner_until) WHERE id = ? AND runner = ?",
+                            reply is not None, now, next_lease and now + next_lease, run.thread_id, runner):
             raise LeaseLost(run.thread_id)
         if reply is not None:
             row = await tx.row("INSERT INTO messages (id, thread_id, role, content, assistant_id, assistant_name, "
@@ -890,7 +900,10 @@ class Store:
                      status, message and message.id, error and error["code"], error and error["message"],
                      error and error.get("retry_after"), usage.get("input_tokens"), usage.get("output_tokens"),
                      now, run.id)
-        return message
+        if next_lease is None:
+            await tx.run("UPDATE threads SET runner = NULL, runner_until = NULL WHERE id = ?", run.thread_id)
+            return message, None
+        return message, await self._start_next(tx, run.thread_id, now)
 
     @transaction
     async def request_cancel(self, tx: Cursor, thread_id: str, run_id: str, by: str) -> Run:

@@ -5,6 +5,7 @@ objects on one database stand in for two processes."""
 import asyncio
 import os
 import time
+from unittest.mock import ANY
 
 import pytest
 
@@ -293,15 +294,30 @@ async def test_one_process_runs_a_thread_until_its_lease_runs_out(open_store):
         await first.finish_run(run, "p1", "completed", reply="too late")
     with pytest.raises(LeaseLost):
         await first.renew_thread(thread.id, "p1", 30)
-    reply = await second.finish_run(again, "p2", "completed", reply="in time", usage={"input_tokens": 3,
-                                                                                      "output_tokens": 2})
-    assert reply.run_id == again.id
+    reply, following = await second.finish_run(again, "p2", "completed", reply="in time",
+                                               usage={"input_tokens": 3, "output_tokens": 2}, next_lease=30)
+    assert (reply.run_id, following) == (again.id, None)  # none left: the thread is let go
     (ended,) = await second.runs([again.id])
     assert (ended.status, ended.reply_id, ended.usage) == ("completed", reply.id,
                                                            {"input_tokens": 3, "output_tokens": 2})
-    assert await second.start_next_run(thread.id, "p2", 30) is None  # none left: the thread is let go
     assert await first.start_next_run(thread.id, "p1", 30) is None
     assert [m.content for m in (await second.list_messages(thread.id, Page())).data] == ["hi", "in time"]
+
+
+async def test_a_runs_end_starts_the_next_run_or_lets_the_thread_go(open_store):
+    first, second = await open_store(), await open_store()
+    assistant = await shared_default(first)
+    thread = await first.create_thread("alice", [], None)
+    submission = await first.submit(thread.id, "alice", "hi", [assistant, assistant])
+    one, _ = await first.start_next_run(thread.id, "p1", 30)
+    _, (two, _) = await first.finish_run(one, "p1", "completed", reply="one", next_lease=30)
+    assert ([one.id, two.id], two.status) == ([run.id for run in submission.runs], "active")
+    with pytest.raises(LeaseLost):  # still the first process's
+        await second.start_next_run(thread.id, "p2", 30)
+    later = await first.submit(thread.id, "alice", "more", [assistant])
+    assert await first.finish_run(two, "p1", "completed", reply="two") == (ANY, None)  # stopping: let go
+    three, _ = await second.start_next_run(thread.id, "p2", 30)
+    assert three.id == later.runs[0].id
 
 
 async def test_threads_left_by_a_stopped_process_are_found_again(store):
@@ -326,7 +342,7 @@ async def test_cancelling_a_queued_run_ends_it_and_an_active_one_is_marked_for_i
     active = await store.request_cancel(thread.id, active_id, "bob")
     assert (active.status, active.cancelled_by) == ("active", "bob")
     assert await store.renew_thread(thread.id, "p1", 30) == {active_id: "bob"}
-    partial = await store.finish_run(active, "p1", "cancelled", reply="half a")
+    partial, _ = await store.finish_run(active, "p1", "cancelled", reply="half a")
     assert partial.cancelled is True
     with pytest.raises(Conflict):
         await store.request_cancel(thread.id, active_id, "alice")
