@@ -48,6 +48,11 @@ MAX_PENDING = 50_000  # events waiting for Redis while it is away; past it the o
 GAP_WAIT = 0.2  # seconds an event waits for the ones before it, from another process, before asking the Stream
 SLOT_SECONDS = 30.0  # a socket's slot lasts this long unless its process renews it, every third of that
 RECONNECT_CHECK_SECONDS = 1
+# Commands at once on one process's connections (a crowd of sockets joining sends a few each); past that, a
+# command waits up to CONNECTION_WAIT_SECONDS for one to be free. redis-py's default pool fails it instead, with
+# the same error as a Redis that is down.
+CONNECTIONS = 100
+CONNECTION_WAIT_SECONDS = 10
 
 PUBLISH = """
 local prefix, ttl, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
@@ -191,8 +196,9 @@ class RedisBroker:
                  slot_seconds: float = SLOT_SECONDS):
         self.url, self.window, self.prefix, self.slot_seconds = url, window, prefix, slot_seconds
         self.process_id = new_process_id()
-        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2,
-                                          health_check_interval=10)
+        self.redis = redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(
+            url, max_connections=CONNECTIONS, timeout=CONNECTION_WAIT_SECONDS, decode_responses=True,
+            socket_connect_timeout=2, health_check_interval=10))
         self.pubsub = self.redis.pubsub()
         self._publish = self.redis.register_script(PUBLISH)
         self._snapshot = self.redis.register_script(SNAPSHOT)

@@ -461,6 +461,19 @@ async def test_sockets_joining_a_thread_at_once_through_redis_all_hear_its_event
             assert "heard: [alice] all at once" in check_run((await frames_until(ws, "run.completed"))[1:])
 
 
+async def test_more_sockets_joining_at_once_than_redis_connections_all_get_in_and_hear_the_run(
+        make_app, auth, join, redis_url):
+    """Each join is a few Redis commands at once; the client's pool has 100 connections at most. Past that, a
+    command waits for a connection, rather than failing as if Redis were down (503 to the sockets)."""
+    url, prefix = redis_url
+    async with serve_live(make_app(redis_url=url, redis_prefix=prefix, max_sockets_per_user=300)) as server:
+        thread_id = await server.new_thread(auth)
+        sockets = [ws for ws, _ in await asyncio.gather(*(join(server, thread_id, "alice") for _ in range(250)))]
+        await sockets[0].send(json.dumps({"type": "message", "content": "crowded"}))
+        for ws in sockets:
+            assert "heard: [alice] crowded" in check_run((await frames_until(ws, "run.completed"))[1:])
+
+
 def test_the_coalescing_window_is_bounded():
     for refused in (-1, main.MAX_COALESCE_MS + 1):
         with pytest.raises(ValueError, match="COALESCE_MS"):
