@@ -168,8 +168,6 @@ def reading(method: Callable[Concatenate[Any, Cursor, P], Coroutine[Any, Any, T]
     return in_reading
 
 
-
-
 def columns(cursor: sqlite3.Cursor) -> list[str]:
     return [column[0] for column in cursor.description]
 
