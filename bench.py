@@ -789,7 +789,7 @@ async def per_run_overhead(service: ServiceTarget, runs: int, cpu: int | None) -
 
 
 SDK_REQUESTS = {  # typed arguments, and the request as the service sends it (in the body as it is)
-    "typed input": lambda history: {"model": "bench", "input": history},
+    "typed arguments": lambda history: {"model": "bench", "input": history},
     "extra_body": lambda history: {"extra_body": {"model": "bench", "input": history}},
 }
 
