@@ -600,12 +600,15 @@ async def thread_socket(websocket: WebSocket) -> None:
     """A refusal before the handshake is accepted (no such thread, a bad `after`, too many sockets, no
     broker) raises, and `service_error` answers it as it would a request: an HTTP denial response."""
     app, user = services(websocket), websocket.scope["user"]
-    thread = await visible_thread(websocket)
+    thread_id = (await visible_thread(websocket)).id  # the id alone: the socket may stay for hours
     after = resume_point(websocket.query_params.get("after"))
-    async with app.hub.joined(thread.id, user.sub, after=after,
+    async with app.hub.joined(thread_id, user.sub, after=after,
                               socket_limit=app.config.max_sockets_per_user) as connection:
-        with app.metrics.sockets_open.track_inprogress():
+        app.metrics.sockets_open.inc()
+        try:
             close_code = await serve_socket(websocket, connection, user, app)
+        finally:
+            app.metrics.sockets_open.dec()
     if close_code is not None:
         # Best effort: a socket that stopped reading may never take the close frame.
         with contextlib.suppress(Exception):
