@@ -93,29 +93,32 @@ class Frame:
 class Connection:
     """One listener on one thread: its backlog, and the writer that drains it (for a socket)."""
 
+    __slots__ = ("_waiter", "backlog", "backlog_chars", "close_code", "coalesce_seconds", "endpoint", "floor", "held",
+                 "held_chars", "live", "max_backlog_chars", "slot", "sub", "thread_id", "writer")
+
     def __init__(self, thread_id: str, sub: str, max_backlog_chars: int, coalesce_seconds: float = 0.0):
         self.thread_id = thread_id
         self.sub = sub
         self.max_backlog_chars = max_backlog_chars
         self.coalesce_seconds = coalesce_seconds
-        self.backlog: deque[Frame] = deque()
+        self.backlog: deque[Frame] | None = None  # only while it holds frames: an empty deque takes 600 bytes
         self.backlog_chars = 0
         self.floor: int | None = None  # events up to this seq are covered; None: still joining, hold them
-        self.held: list[Event] = []
+        self.held: list[Event] | None = None
         self.held_chars = 0
         self.close_code: int | None = None
         self.slot: str | None = None  # a socket or event stream: the slot it holds, and it hears presence and typing
         self.live = True  # False: joined while the broker was down, so its events may never come
         self.writer: asyncio.Task | None = None
         self.endpoint = asyncio.current_task()  # serves the listener; done once it has closed it
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future | None = None  # `get` waiting for a frame
 
     def start(self, floor: int, first: list[Event]) -> None:
         """Begin with `first` (thread.joined, then what the client missed); then the events after `floor`."""
-        held, self.held, self.held_chars, self.floor = self.held, [], 0, floor
+        held, self.held, self.held_chars, self.floor = self.held, None, 0, floor
         for event in first:
             self.send_now(event)
-        for event in held:
+        for event in held or ():
             self.offer(event)
 
     def offer(self, event: Event) -> bool:
@@ -123,6 +126,8 @@ class Connection:
         if self.close_code is not None:
             return True
         if self.floor is None:
+            if self.held is None:
+                self.held = []
             self.held.append(event)
             self.held_chars += counted(event)
             return self.held_chars <= self.max_backlog_chars
@@ -135,6 +140,8 @@ class Connection:
 
     def send_now(self, event: Event) -> bool:
         """Queue a frame whatever its seq: `resync`, or an `error` for this listener alone."""
+        if self.backlog is None:
+            self.backlog = deque()
         last = self.backlog[-1] if self.backlog else None
         if (event.type == "text.delta" and last is not None and last.type == "text.delta"
                 and last.run_id == event.run_id):
@@ -143,7 +150,7 @@ class Connection:
             frame = Frame(event)
             self.backlog.append(frame)
             self.backlog_chars += frame.size
-            self._wakeup.set()
+            self._wake()
         return self.backlog_chars <= self.max_backlog_chars
 
     def note(self, event: dict) -> None:
@@ -156,11 +163,13 @@ class Connection:
         while not self.backlog:
             if self.close_code is not None:
                 raise Closed(self.close_code)
-            self._wakeup.clear()
+            self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), within)
+                await asyncio.wait_for(self._waiter, within)
             except TimeoutError:
                 return None
+            finally:
+                self._waiter = None
         if len(self.backlog) == 1 and self.backlog[0].type == "text.delta":
             wait = delta_not_before - asyncio.get_running_loop().time()
             if wait > 0:
@@ -169,7 +178,13 @@ class Connection:
                     raise Closed(self.close_code)
         frame = self.backlog.popleft()
         self.backlog_chars -= frame.size
+        if not self.backlog:
+            self.backlog = None
         return frame
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def start_writer(self, send: Callable[[str], Awaitable[None]]) -> asyncio.Task:
         self.writer = asyncio.create_task(self._write(send))
@@ -188,9 +203,9 @@ class Connection:
         the listener sees `get` raise Closed (or the writer end) and closes it with `code`."""
         if self.close_code is None:
             self.close_code = code
-            self.backlog.clear()
+            self.backlog = None
             self.backlog_chars = 0
-            self._wakeup.set()
+            self._wake()
             if self.writer is not None:
                 self.writer.cancel()
 
