@@ -15,7 +15,8 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 from starlette import status
 from starlette.websockets import WebSocketDisconnect
@@ -91,10 +92,13 @@ class Frame:
 
 
 class Connection:
-    """One listener on one thread: its backlog, and the writer that drains it (for a socket)."""
+    """One listener on one thread: its backlog, drained by whoever serves the listener (`get`) or, for a socket,
+    sent as it fills (`serve`). An idle socket holds no task, future or queue of its own: the writer runs only
+    while there is something to send, and the socket's own task reads the client's frames."""
 
-    __slots__ = ("_waiter", "backlog", "backlog_chars", "close_code", "coalesce_seconds", "endpoint", "floor", "held",
-                 "held_chars", "live", "max_backlog_chars", "slot", "sub", "thread_id", "writer")
+    __slots__ = ("_send", "_waiter", "backlog", "backlog_chars", "close_code", "coalesce_seconds", "endpoint",
+                 "floor", "held", "held_chars", "interrupted", "live", "max_backlog_chars", "next_delta_at",
+                 "reading", "slot", "sub", "thread_id", "writer")
 
     def __init__(self, thread_id: str, sub: str, max_backlog_chars: int, coalesce_seconds: float = 0.0):
         self.thread_id = thread_id
@@ -109,8 +113,12 @@ class Connection:
         self.close_code: int | None = None
         self.slot: str | None = None  # a socket or event stream: the slot it holds, and it hears presence and typing
         self.live = True  # False: joined while the broker was down, so its events may never come
-        self.writer: asyncio.Task | None = None
         self.endpoint = asyncio.current_task()  # serves the listener; done once it has closed it
+        self.writer: asyncio.Task | None = None  # a socket's, while it has frames to send (or once it failed)
+        self.next_delta_at = 0.0  # with a coalescing window: the loop time before which no text.delta is sent
+        self.reading = False  # the endpoint is in `serve`: closing the listener interrupts it
+        self.interrupted = False
+        self._send: Callable[[str], Awaitable[None]] | None = None
         self._waiter: asyncio.Future | None = None  # `get` waiting for a frame
 
     def start(self, floor: int, first: list[Event]) -> None:
@@ -151,15 +159,16 @@ class Connection:
             self.backlog.append(frame)
             self.backlog_chars += frame.size
             self._wake()
+            if self._send is not None and self.writer is None:
+                self.writer = asyncio.create_task(self._write())
         return self.backlog_chars <= self.max_backlog_chars
 
     def note(self, event: dict) -> None:
         """A frame for this listener alone (an `error` reply to its own bad frame)."""
         self.send_now(Event(self.floor or 0, event["type"], None, None, encode(event)))
 
-    async def get(self, within: float | None = None, delta_not_before: float = 0.0) -> Frame | None:
-        """The next frame; None if none came `within` so many seconds; raises Closed once the listener is closed.
-        A `text.delta` frame that can still take in deltas is not taken before `delta_not_before` (loop time)."""
+    async def get(self, within: float | None = None) -> Frame | None:
+        """The next frame; None if none came `within` so many seconds; raises Closed once the listener is closed."""
         while not self.backlog:
             if self.close_code is not None:
                 raise Closed(self.close_code)
@@ -170,12 +179,10 @@ class Connection:
                 return None
             finally:
                 self._waiter = None
-        if len(self.backlog) == 1 and self.backlog[0].type == "text.delta":
-            wait = delta_not_before - asyncio.get_running_loop().time()
-            if wait > 0:
-                await asyncio.sleep(wait)  # the coalescing window: deltas that come meanwhile merge into it
-                if self.close_code is not None:
-                    raise Closed(self.close_code)
+        return self._take()
+
+    def _take(self) -> Frame:
+        assert self.backlog
         frame = self.backlog.popleft()
         self.backlog_chars -= frame.size
         if not self.backlog:
@@ -186,21 +193,65 @@ class Connection:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def start_writer(self, send: Callable[[str], Awaitable[None]]) -> asyncio.Task:
-        self.writer = asyncio.create_task(self._write(send))
-        return self.writer
+    async def serve(self, send: Callable[[str], Awaitable[None]], reading: Coroutine[Any, Any, None]) -> int | None:
+        """A socket's life once accepted: its frames go to `send` as they come while `reading` (the loop over the
+        client's frames) runs, until the client leaves or the listener is closed, which interrupts `reading`.
+        Returns the close code to send (None when the client left)."""
+        self._send = send
+        if self.backlog:
+            self.writer = asyncio.create_task(self._write())
+        if self.close_code is not None:
+            reading.close()
+            return self.close_code
+        self.reading = True
+        try:
+            await reading
+        except asyncio.CancelledError:
+            if not self.interrupted or self.endpoint is None or self.endpoint.uncancel() > 0:
+                raise
+        finally:
+            self.reading = False
+            self._send = None
+        return self.close_code
 
-    async def _write(self, send: Callable[[str], Awaitable[None]]) -> None:
-        loop, next_delta_at = asyncio.get_running_loop(), 0.0
-        with contextlib.suppress(Closed, *CLIENT_GONE):
-            while frame := await self.get(delta_not_before=next_delta_at):
+    def _interrupt(self) -> None:
+        """The endpoint stops reading the client's frames and returns from `serve`."""
+        if self.reading and not self.interrupted and self.endpoint is not None:
+            if asyncio.current_task() is self.endpoint:
+                # Not now but once it waits: a task that cancelled itself and then left `serve` without waiting
+                # would carry the cancellation into its clean-up (Python 3.11's uncancel does not clear it).
+                asyncio.get_running_loop().call_soon(self._interrupt)
+                return
+            self.interrupted = True
+            self.endpoint.cancel()
+
+    async def _write(self) -> None:
+        """Send the backlog's frames, then end: a socket has a writer only while it has frames to send."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self.backlog and self._send is not None:
+                if self.coalesce_seconds and len(self.backlog) == 1 and self.backlog[0].type == "text.delta":
+                    wait = self.next_delta_at - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)  # the coalescing window: deltas that come meanwhile merge into it
+                        continue
+                frame = self._take()
                 if self.coalesce_seconds and frame.type == "text.delta":
-                    next_delta_at = loop.time() + self.coalesce_seconds
-                await send(frame.text(self.thread_id))
+                    self.next_delta_at = loop.time() + self.coalesce_seconds
+                await self._send(frame.text(self.thread_id))
+        except CLIENT_GONE:
+            self._send = None  # the client left mid-send: nothing to report, and nothing more to send
+            self._interrupt()
+            return
+        except Exception:
+            self._send = None  # kept as the writer: whoever ends the membership logs the failure
+            self._interrupt()
+            raise
+        self.writer = None
 
     def close(self, code: int) -> None:
         """Stop delivering, even in the middle of a send to a socket that stopped reading; whoever serves
-        the listener sees `get` raise Closed (or the writer end) and closes it with `code`."""
+        the listener sees `get` raise Closed (or `serve` return) and closes it with `code`."""
         if self.close_code is None:
             self.close_code = code
             self.backlog = None
@@ -208,6 +259,7 @@ class Connection:
             self._wake()
             if self.writer is not None:
                 self.writer.cancel()
+            self._interrupt()
 
 
 class Hub:

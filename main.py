@@ -616,34 +616,32 @@ async def thread_socket(websocket: WebSocket) -> None:
 
 
 async def serve_socket(websocket: WebSocket, connection: Connection, user: User, app: "Services") -> int | None:
-    """Accept, then write the thread's frames and read the client's until either side ends; returns the
-    close code to send (None when the client left)."""
+    """Accept, then write the thread's frames and read the client's until either side ends, or the token
+    expires; returns the close code to send (None when the client left)."""
     await websocket.accept(subprotocol=websocket.scope.get("auth_subprotocol"))
-    writer = connection.start_writer(websocket.send_text)
-    reader = asyncio.create_task(read_frames(websocket, connection, app))
+    expiry = asyncio.get_running_loop().call_later(max(0.0, user.expires_at - time.time()),
+                                                   connection.close, WS_TOKEN_EXPIRED)
     try:
-        async with asyncio.timeout(max(0.0, user.expires_at - time.time())):
-            await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)
-    except TimeoutError:
-        connection.close(WS_TOKEN_EXPIRED)
+        return await connection.serve(websocket.send_text, read_frames(websocket, connection, app))
     finally:
-        reader.cancel()
-        (failure,) = await asyncio.gather(reader, return_exceptions=True)
-        if isinstance(failure, Exception) and not isinstance(failure, WebSocketDisconnect):
-            log.error("reading frames from a socket failed", exc_info=failure)
-    return connection.close_code
+        expiry.cancel()
 
 
 async def read_frames(websocket: WebSocket, connection: Connection, app: "Services") -> None:
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        try:
-            await answer_frame(websocket, connection, message.get("text"), app)
-        except ServiceError as error:  # as REST answers it, but to this client alone and the socket stays open
-            count_limit_hit(websocket, error)
-            connection.note({"type": "error", "error": error_frame(error)})
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            try:
+                await answer_frame(websocket, connection, message.get("text"), app)
+            except ServiceError as error:  # as REST answers it, but to this client alone and the socket stays open
+                count_limit_hit(websocket, error)
+                connection.note({"type": "error", "error": error_frame(error)})
+    except WebSocketDisconnect:
+        pass
+    except Exception as failure:
+        log.error("reading frames from a socket failed", exc_info=failure)
 
 
 async def answer_frame(websocket: WebSocket, connection: Connection, text: str | None, app: "Services") -> None:
