@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from starlette import status
@@ -262,6 +262,81 @@ class Connection:
             self._interrupt()
 
 
+class Membership:
+    """One listener's place on a thread, for an `async with` block: it joins on entering and leaves on leaving,
+    however the block ends. A class, not a generator: an idle socket keeps it for as long as it stays open."""
+
+    __slots__ = ("after", "connection", "hub", "occupied", "socket_limit")
+
+    def __init__(self, hub: "Hub", connection: Connection, socket_limit: int | None = None, after: int | None = None):
+        self.hub, self.connection, self.socket_limit, self.after = hub, connection, socket_limit, after
+        self.occupied = False
+
+    async def __aenter__(self) -> Connection:
+        hub, connection = self.hub, self.connection
+        # First: what comes while it joins (others' presence included) waits for it.
+        hub.threads.setdefault(connection.thread_id, set()).add(connection)
+        try:
+            if connection.slot is None:  # a request waiting for its runs: it only listens
+                await self._listen()
+            else:
+                assert self.socket_limit is not None
+                await self._join(self.socket_limit)
+        except BaseException:
+            await self._leave()
+            raise
+        return connection
+
+    async def _join(self, socket_limit: int) -> None:
+        hub, connection = self.hub, self.connection
+        thread_id, sub, slot = connection.thread_id, connection.sub, connection.slot
+        assert slot is not None
+        occupied = await hub.broker.occupy(sub, thread_id, slot, socket_limit)
+        if occupied is None:
+            raise TooManySockets(socket_limit)
+        self.occupied = True
+        if occupied.mine == 1:
+            hub.broker.signal(presence_signal(thread_id, sub, 1, slot))
+        catch_up = await hub._watch(connection, self.after)
+        first = [Event.create(catch_up.seq, {
+            "type": "thread.joined", "thread_id": thread_id, "clients": occupied.clients,
+            "present": occupied.present, "active_run": catch_up.active_run})]
+        if self.after is not None and catch_up.missed is None:
+            first.append(hub.resync_event(thread_id, catch_up.seq))
+        hub._start(connection, catch_up.seq, first + (catch_up.missed or []))
+
+    async def _listen(self) -> None:
+        try:
+            catch_up = await self.hub._watch(self.connection, None)
+        except BrokerUnavailable:
+            catch_up, self.connection.live = CatchUp(0, None, None), False
+        self.hub._start(self.connection, catch_up.seq, [])
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._leave()
+
+    async def _leave(self) -> None:
+        """Out of the thread, its slot given back; its writer, if any, done."""
+        hub, connection = self.hub, self.connection
+        thread_id, sub, slot = connection.thread_id, connection.sub, connection.slot
+        if self.occupied:
+            assert slot is not None
+            with contextlib.suppress(Exception):  # the broker may be down: the slot then lapses by itself
+                if await hub.broker.vacate(sub, thread_id, slot) == 0:
+                    hub.broker.signal(presence_signal(thread_id, sub, 0, slot))
+        connection.close(status.WS_1000_NORMAL_CLOSURE)
+        hub._remove(connection)
+        if thread_id not in hub.threads:
+            # A watch still in flight is undone by this: whoever joins next must start a new one.
+            hub._watching.pop(thread_id, None)
+            with contextlib.suppress(Exception):  # the broker may be down: nothing to undo then
+                await hub.broker.unwatch(thread_id)
+        if connection.writer is not None:
+            await asyncio.wait([connection.writer])
+            if not connection.writer.cancelled() and (error := connection.writer.exception()):
+                log.error("writing to a socket failed", exc_info=error)
+
+
 class Hub:
     def __init__(self, broker: Broker, max_backlog_chars: int = MAX_BACKLOG_CHARS, coalesce_seconds: float = 0.0):
         self.broker = broker
@@ -272,67 +347,18 @@ class Hub:
         self._slots = itertools.count()
         self.closed_with: int | None = None  # once close_all: every listener that joins later is closed so too
 
-    @contextlib.asynccontextmanager
-    async def joined(self, thread_id: str, sub: str, socket_limit: int,
-                     after: int | None = None) -> AsyncIterator[Connection]:
-        """A socket or event stream on the thread for the block. It takes one of the user's slots, counts in
-        `clients` and `present`, hears `presence` and `typing`, and begins with `thread.joined` and, with
+    def joined(self, thread_id: str, sub: str, socket_limit: int, after: int | None = None) -> Membership:
+        """A socket or event stream on the thread for an `async with` block. It takes one of the user's slots, counts
+        in `clients` and `present`, hears `presence` and `typing`, and begins with `thread.joined` and, with
         `after`, every event it missed (or `resync`)."""
         connection = Connection(thread_id, sub, self.max_backlog_chars, self.coalesce_seconds)
-        connection.slot = slot = f"{self.broker.process_id}:{next(self._slots)}"
-        async with self._on_thread(connection):
-            occupied = await self.broker.occupy(sub, thread_id, slot, socket_limit)
-            if occupied is None:
-                raise TooManySockets(socket_limit)
-            try:
-                if occupied.mine == 1:
-                    self.broker.signal(presence_signal(thread_id, sub, 1, slot))
-                catch_up = await self._watch(connection, after)
-                first = [Event.create(catch_up.seq, {
-                    "type": "thread.joined", "thread_id": thread_id, "clients": occupied.clients,
-                    "present": occupied.present, "active_run": catch_up.active_run})]
-                if after is not None and catch_up.missed is None:
-                    first.append(self.resync_event(thread_id, catch_up.seq))
-                self._start(connection, catch_up.seq, first + (catch_up.missed or []))
-                yield connection
-            finally:
-                with contextlib.suppress(Exception):  # the broker may be down: the slot then lapses by itself
-                    if await self.broker.vacate(sub, thread_id, slot) == 0:
-                        self.broker.signal(presence_signal(thread_id, sub, 0, slot))
+        connection.slot = f"{self.broker.process_id}:{next(self._slots)}"
+        return Membership(self, connection, socket_limit, after)
 
-    @contextlib.asynccontextmanager
-    async def listening(self, thread_id: str, sub: str) -> AsyncIterator[Connection]:
-        """Hear the thread's events from the next one on, for the block: a request waiting for its own runs.
-        While the broker is down it hears nothing, and learns from the store that its runs ended."""
-        connection = Connection(thread_id, sub, self.max_backlog_chars, self.coalesce_seconds)
-        async with self._on_thread(connection):
-            try:
-                catch_up = await self._watch(connection, None)
-            except BrokerUnavailable:
-                catch_up, connection.live = CatchUp(0, None, None), False
-            self._start(connection, catch_up.seq, [])
-            yield connection
-
-    @contextlib.asynccontextmanager
-    async def _on_thread(self, connection: Connection) -> AsyncIterator[None]:
-        """Among the thread's listeners for the block; its writer, if any, done when the block is."""
-        thread_id = connection.thread_id
-        # First: what comes while it joins (others' presence included) waits for it.
-        self.threads.setdefault(thread_id, set()).add(connection)
-        try:
-            yield
-        finally:
-            connection.close(status.WS_1000_NORMAL_CLOSURE)
-            self._remove(connection)
-            if thread_id not in self.threads:
-                # A watch still in flight is undone by this: whoever joins next must start a new one.
-                self._watching.pop(thread_id, None)
-                with contextlib.suppress(Exception):  # the broker may be down: nothing to undo then
-                    await self.broker.unwatch(thread_id)
-            if connection.writer is not None:
-                await asyncio.wait([connection.writer])
-                if not connection.writer.cancelled() and (error := connection.writer.exception()):
-                    log.error("writing to a socket failed", exc_info=error)
+    def listening(self, thread_id: str, sub: str) -> Membership:
+        """Hear the thread's events from the next one on, for an `async with` block: a request waiting for its own
+        runs. While the broker is down it hears nothing, and learns from the store that its runs ended."""
+        return Membership(self, Connection(thread_id, sub, self.max_backlog_chars, self.coalesce_seconds))
 
     async def _watch(self, connection: Connection, after: int | None) -> CatchUp:
         """Once the broker watches the thread, what this listener missed since `after`. Listeners joining at once
