@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -717,10 +717,12 @@ class RefusalsInOneLine:
     def __init__(self, app):
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    def __call__(self, scope, receive, send) -> Awaitable[None]:
         if scope["type"] != "lifespan":
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)  # handed on, not awaited: this layer stays off every socket's stack
+        return self.lifespan(scope, receive, send)
 
+    async def lifespan(self, scope, receive, send) -> None:
         async def send_reason(message):
             # Starlette sends startup.failed from inside its `except` block: the error is the one being handled.
             if message["type"] == "lifespan.startup.failed" and isinstance(error := sys.exc_info()[1], StartupRefused):
