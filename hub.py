@@ -14,9 +14,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from starlette import status
 from starlette.websockets import WebSocketDisconnect
@@ -93,11 +93,11 @@ class Frame:
 
 class Connection:
     """One listener on one thread: its backlog, drained by whoever serves the listener (`get`) or, for a socket,
-    sent as it fills (`serve`). An idle socket holds no task, future or queue of its own: the writer runs only
+    sent as it fills (`serving`). An idle socket holds no task, future or queue of its own: the writer runs only
     while there is something to send, and the socket's own task reads the client's frames."""
 
     __slots__ = ("_send", "_waiter", "backlog", "backlog_chars", "close_code", "coalesce_seconds", "endpoint",
-                 "floor", "held", "held_chars", "interrupted", "live", "max_backlog_chars", "next_delta_at",
+                 "expiry", "floor", "held", "held_chars", "interrupted", "live", "max_backlog_chars", "next_delta_at",
                  "reading", "slot", "sub", "thread_id", "writer")
 
     def __init__(self, thread_id: str, sub: str, max_backlog_chars: int, coalesce_seconds: float = 0.0):
@@ -116,8 +116,9 @@ class Connection:
         self.endpoint = asyncio.current_task()  # serves the listener; done once it has closed it
         self.writer: asyncio.Task | None = None  # a socket's, while it has frames to send (or once it failed)
         self.next_delta_at = 0.0  # with a coalescing window: the loop time before which no text.delta is sent
-        self.reading = False  # the endpoint is in `serve`: closing the listener interrupts it
+        self.reading = False  # the endpoint is in its `serving` block: closing the listener interrupts it
         self.interrupted = False
+        self.expiry: asyncio.TimerHandle | None = None
         self._send: Callable[[str], Awaitable[None]] | None = None
         self._waiter: asyncio.Future | None = None  # `get` waiting for a frame
 
@@ -193,32 +194,36 @@ class Connection:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def serve(self, send: Callable[[str], Awaitable[None]], reading: Coroutine[Any, Any, None]) -> int | None:
-        """A socket's life once accepted: its frames go to `send` as they come while `reading` (the loop over the
-        client's frames) runs, until the client leaves or the listener is closed, which interrupts `reading`.
-        Returns the close code to send (None when the client left)."""
+    def serving(self, send: Callable[[str], Awaitable[None]], until: float, expired_code: int) -> "Connection":
+        """A socket's life once accepted, as a `with` block around the loop that reads the client's frames: its
+        frames go to `send` as they come, until the client leaves or the listener is closed, which interrupts
+        the block (and ends it quietly); at `until` (unix time) it is closed with `expired_code`. Afterwards
+        `close_code` is the code to close the socket with (None when the client left)."""
         self._send = send
+        self.expiry = asyncio.get_running_loop().call_later(max(0.0, until - time.time()), self.close, expired_code)
+        return self
+
+    def __enter__(self) -> "Connection":
         if self.backlog:
             self.writer = asyncio.create_task(self._write())
-        if self.close_code is not None:
-            reading.close()
-            return self.close_code
         self.reading = True
-        try:
-            await reading
-        except asyncio.CancelledError:
-            if not self.interrupted or self.endpoint is None or self.endpoint.uncancel() > 0:
-                raise
-        finally:
-            self.reading = False
-            self._send = None
-        return self.close_code
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> bool:
+        self.reading = False
+        self._send = None
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        # Interrupted by `_interrupt` (and by nothing else): the block ends as if it had returned.
+        return (kind is asyncio.CancelledError and self.interrupted and self.endpoint is not None
+                and self.endpoint.uncancel() == 0)
 
     def _interrupt(self) -> None:
-        """The endpoint stops reading the client's frames and returns from `serve`."""
+        """The endpoint's `serving` block ends: it stops reading the client's frames."""
         if self.reading and not self.interrupted and self.endpoint is not None:
             if asyncio.current_task() is self.endpoint:
-                # Not now but once it waits: a task that cancelled itself and then left `serve` without waiting
+                # Not now but once it waits: a task that cancelled itself and then left the block without waiting
                 # would carry the cancellation into its clean-up (Python 3.11's uncancel does not clear it).
                 asyncio.get_running_loop().call_soon(self._interrupt)
                 return
@@ -251,7 +256,7 @@ class Connection:
 
     def close(self, code: int) -> None:
         """Stop delivering, even in the middle of a send to a socket that stopped reading; whoever serves
-        the listener sees `get` raise Closed (or `serve` return) and closes it with `code`."""
+        the listener sees `get` raise Closed (or its `serving` block end) and closes it with `code`."""
         if self.close_code is None:
             self.close_code = code
             self.backlog = None

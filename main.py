@@ -604,32 +604,24 @@ async def thread_socket(websocket: WebSocket) -> None:
     after = resume_point(websocket.query_params.get("after"))
     async with app.hub.joined(thread_id, user.sub, after=after,
                               socket_limit=app.config.max_sockets_per_user) as connection:
+        await websocket.accept(subprotocol=websocket.scope.get("auth_subprotocol"))
         app.metrics.sockets_open.inc()
         try:
-            close_code = await serve_socket(websocket, connection, user, app)
+            with connection.serving(websocket.send_text, until=user.expires_at, expired_code=WS_TOKEN_EXPIRED):
+                await read_frames(websocket, connection, app)
         finally:
             app.metrics.sockets_open.dec()
+        close_code = connection.close_code
     if close_code is not None:
         # Best effort: a socket that stopped reading may never take the close frame.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(websocket.close(close_code), timeout=1)
 
 
-async def serve_socket(websocket: WebSocket, connection: Connection, user: User, app: "Services") -> int | None:
-    """Accept, then write the thread's frames and read the client's until either side ends, or the token
-    expires; returns the close code to send (None when the client left)."""
-    await websocket.accept(subprotocol=websocket.scope.get("auth_subprotocol"))
-    expiry = asyncio.get_running_loop().call_later(max(0.0, user.expires_at - time.time()),
-                                                   connection.close, WS_TOKEN_EXPIRED)
-    try:
-        return await connection.serve(websocket.send_text, read_frames(websocket, connection, app))
-    finally:
-        expiry.cancel()
-
-
 async def read_frames(websocket: WebSocket, connection: Connection, app: "Services") -> None:
+    """The client's frames, each answered in turn, until it leaves or the listener is closed."""
     try:
-        while True:
+        while connection.close_code is None:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
