@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -618,6 +618,16 @@ async def thread_socket(websocket: WebSocket) -> None:
             await asyncio.wait_for(websocket.close(close_code), timeout=1)
 
 
+class SocketRoute(WebSocketRoute):
+    """A WebSocket route whose endpoint Starlette wraps once (its exception middleware), not twice: for a function
+    endpoint it adds a session object, two closures and an exception layer of their own, which an idle socket
+    carries for as long as it stays open. A refusal still reaches `service_error`, through the middleware."""
+
+    def __init__(self, path: str, endpoint: Callable[[WebSocket], Awaitable[None]]):
+        super().__init__(path, endpoint)
+        self.app = lambda scope, receive, send: endpoint(WebSocket(scope, receive, send))
+
+
 async def read_frames(websocket: WebSocket, connection: Connection, app: "Services") -> None:
     """The client's frames, each answered in turn, until it leaves or the listener is closed."""
     try:
@@ -940,7 +950,7 @@ ROUTES = [
     ApiRoute("GET", "/threads/{thread_id}/presence", thread_presence,
              "Who is connected to the thread now (sockets and event streams, service-wide)", {200: PresenceList},
              errors=(404,)),
-    WebSocketRoute("/threads/{thread_id}/ws", thread_socket),
+    SocketRoute("/threads/{thread_id}/ws", thread_socket),
 ]
 PUBLIC_ROUTES = openapi.public_routes(ROUTES)
 
