@@ -8,7 +8,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
 
@@ -162,14 +162,14 @@ class JWTAuthMiddleware:
         self.settings = settings
         self.public_routes = public_routes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine: it hands the connection on, so nothing of the check (the token, its headers) stays
+        # on the stack of a socket that may be open for hours.
         if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         query_token = _pop_query_token(scope)  # out of the scope (and so of the log) in every case
         if self._is_public(scope):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         headers = Headers(scope=scope)
         token = _bearer_token(headers)
         if scope["type"] == "websocket" and token is None:
@@ -184,9 +184,8 @@ class JWTAuthMiddleware:
             settings = self.settings or scope["state"]["jwt"]  # the lifespan's, when made at start-up
             scope["user"] = settings.verify(token)
         except TokenError as error:
-            await self._deny(scope, receive, send, error.detail, token_given=token is not None)
-            return
-        await self.app(scope, receive, send)
+            return self._deny(scope, receive, send, error.detail, token_given=token is not None)
+        return self.app(scope, receive, send)
 
     def _is_public(self, scope: Scope) -> bool:
         if scope["type"] != "http":

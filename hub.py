@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from starlette import status
 from starlette.websockets import WebSocketDisconnect
@@ -91,31 +92,42 @@ class Frame:
 
 
 class Connection:
-    """One listener on one thread: its backlog, and the writer that drains it (for a socket)."""
+    """One listener on one thread: its backlog, drained by whoever serves the listener (`get`) or, for a socket,
+    sent as it fills (`serving`). An idle socket holds no task, future or queue of its own: the writer runs only
+    while there is something to send, and the socket's own task reads the client's frames."""
+
+    __slots__ = ("_send", "_waiter", "backlog", "backlog_chars", "close_code", "coalesce_seconds", "endpoint",
+                 "expiry", "floor", "held", "held_chars", "interrupted", "live", "max_backlog_chars", "next_delta_at",
+                 "reading", "slot", "sub", "thread_id", "writer")
 
     def __init__(self, thread_id: str, sub: str, max_backlog_chars: int, coalesce_seconds: float = 0.0):
         self.thread_id = thread_id
         self.sub = sub
         self.max_backlog_chars = max_backlog_chars
         self.coalesce_seconds = coalesce_seconds
-        self.backlog: deque[Frame] = deque()
+        self.backlog: deque[Frame] | None = None  # only while it holds frames: an empty deque takes 600 bytes
         self.backlog_chars = 0
         self.floor: int | None = None  # events up to this seq are covered; None: still joining, hold them
-        self.held: list[Event] = []
+        self.held: list[Event] | None = None
         self.held_chars = 0
         self.close_code: int | None = None
         self.slot: str | None = None  # a socket or event stream: the slot it holds, and it hears presence and typing
         self.live = True  # False: joined while the broker was down, so its events may never come
-        self.writer: asyncio.Task | None = None
         self.endpoint = asyncio.current_task()  # serves the listener; done once it has closed it
-        self._wakeup = asyncio.Event()
+        self.writer: asyncio.Task | None = None  # a socket's, while it has frames to send (or once it failed)
+        self.next_delta_at = 0.0  # with a coalescing window: the loop time before which no text.delta is sent
+        self.reading = False  # the endpoint is in its `serving` block: closing the listener interrupts it
+        self.interrupted = False
+        self.expiry: asyncio.TimerHandle | None = None
+        self._send: Callable[[str], Awaitable[None]] | None = None
+        self._waiter: asyncio.Future | None = None  # `get` waiting for a frame
 
     def start(self, floor: int, first: list[Event]) -> None:
         """Begin with `first` (thread.joined, then what the client missed); then the events after `floor`."""
-        held, self.held, self.held_chars, self.floor = self.held, [], 0, floor
+        held, self.held, self.held_chars, self.floor = self.held, None, 0, floor
         for event in first:
             self.send_now(event)
-        for event in held:
+        for event in held or ():
             self.offer(event)
 
     def offer(self, event: Event) -> bool:
@@ -123,6 +135,8 @@ class Connection:
         if self.close_code is not None:
             return True
         if self.floor is None:
+            if self.held is None:
+                self.held = []
             self.held.append(event)
             self.held_chars += counted(event)
             return self.held_chars <= self.max_backlog_chars
@@ -135,6 +149,8 @@ class Connection:
 
     def send_now(self, event: Event) -> bool:
         """Queue a frame whatever its seq: `resync`, or an `error` for this listener alone."""
+        if self.backlog is None:
+            self.backlog = deque()
         last = self.backlog[-1] if self.backlog else None
         if (event.type == "text.delta" and last is not None and last.type == "text.delta"
                 and last.run_id == event.run_id):
@@ -143,56 +159,187 @@ class Connection:
             frame = Frame(event)
             self.backlog.append(frame)
             self.backlog_chars += frame.size
-            self._wakeup.set()
+            self._wake()
+            if self._send is not None and self.writer is None:
+                self.writer = asyncio.create_task(self._write())
         return self.backlog_chars <= self.max_backlog_chars
 
     def note(self, event: dict) -> None:
         """A frame for this listener alone (an `error` reply to its own bad frame)."""
         self.send_now(Event(self.floor or 0, event["type"], None, None, encode(event)))
 
-    async def get(self, within: float | None = None, delta_not_before: float = 0.0) -> Frame | None:
-        """The next frame; None if none came `within` so many seconds; raises Closed once the listener is closed.
-        A `text.delta` frame that can still take in deltas is not taken before `delta_not_before` (loop time)."""
+    async def get(self, within: float | None = None) -> Frame | None:
+        """The next frame; None if none came `within` so many seconds; raises Closed once the listener is closed."""
         while not self.backlog:
             if self.close_code is not None:
                 raise Closed(self.close_code)
-            self._wakeup.clear()
+            self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), within)
+                await asyncio.wait_for(self._waiter, within)
             except TimeoutError:
                 return None
-        if len(self.backlog) == 1 and self.backlog[0].type == "text.delta":
-            wait = delta_not_before - asyncio.get_running_loop().time()
-            if wait > 0:
-                await asyncio.sleep(wait)  # the coalescing window: deltas that come meanwhile merge into it
-                if self.close_code is not None:
-                    raise Closed(self.close_code)
+            finally:
+                self._waiter = None
+        return self._take()
+
+    def _take(self) -> Frame:
+        assert self.backlog
         frame = self.backlog.popleft()
         self.backlog_chars -= frame.size
+        if not self.backlog:
+            self.backlog = None
         return frame
 
-    def start_writer(self, send: Callable[[str], Awaitable[None]]) -> asyncio.Task:
-        self.writer = asyncio.create_task(self._write(send))
-        return self.writer
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
-    async def _write(self, send: Callable[[str], Awaitable[None]]) -> None:
-        loop, next_delta_at = asyncio.get_running_loop(), 0.0
-        with contextlib.suppress(Closed, *CLIENT_GONE):
-            while frame := await self.get(delta_not_before=next_delta_at):
+    def serving(self, send: Callable[[str], Awaitable[None]], until: float, expired_code: int) -> "Connection":
+        """A socket's life once accepted, as a `with` block around the loop that reads the client's frames: its
+        frames go to `send` as they come, until the client leaves or the listener is closed, which interrupts
+        the block (and ends it quietly); at `until` (unix time) it is closed with `expired_code`. Afterwards
+        `close_code` is the code to close the socket with (None when the client left)."""
+        self._send = send
+        self.expiry = asyncio.get_running_loop().call_later(max(0.0, until - time.time()), self.close, expired_code)
+        return self
+
+    def __enter__(self) -> "Connection":
+        if self.backlog:
+            self.writer = asyncio.create_task(self._write())
+        self.reading = True
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> bool:
+        self.reading = False
+        self._send = None
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        # Interrupted by `_interrupt` (and by nothing else): the block ends as if it had returned.
+        return (kind is asyncio.CancelledError and self.interrupted and self.endpoint is not None
+                and self.endpoint.uncancel() == 0)
+
+    def _interrupt(self) -> None:
+        """The endpoint's `serving` block ends: it stops reading the client's frames."""
+        if self.reading and not self.interrupted and self.endpoint is not None:
+            if asyncio.current_task() is self.endpoint:
+                # Not now but once it waits: a task that cancelled itself and then left the block without waiting
+                # would carry the cancellation into its clean-up (Python 3.11's uncancel does not clear it).
+                asyncio.get_running_loop().call_soon(self._interrupt)
+                return
+            self.interrupted = True
+            self.endpoint.cancel()
+
+    async def _write(self) -> None:
+        """Send the backlog's frames, then end: a socket has a writer only while it has frames to send."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self.backlog and self._send is not None:
+                if self.coalesce_seconds and len(self.backlog) == 1 and self.backlog[0].type == "text.delta":
+                    wait = self.next_delta_at - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)  # the coalescing window: deltas that come meanwhile merge into it
+                        continue
+                frame = self._take()
                 if self.coalesce_seconds and frame.type == "text.delta":
-                    next_delta_at = loop.time() + self.coalesce_seconds
-                await send(frame.text(self.thread_id))
+                    self.next_delta_at = loop.time() + self.coalesce_seconds
+                await self._send(frame.text(self.thread_id))
+        except CLIENT_GONE:
+            self._send = None  # the client left mid-send: nothing to report, and nothing more to send
+            self._interrupt()
+            return
+        except Exception:
+            self._send = None  # kept as the writer: whoever ends the membership logs the failure
+            self._interrupt()
+            raise
+        self.writer = None
 
     def close(self, code: int) -> None:
         """Stop delivering, even in the middle of a send to a socket that stopped reading; whoever serves
-        the listener sees `get` raise Closed (or the writer end) and closes it with `code`."""
+        the listener sees `get` raise Closed (or its `serving` block end) and closes it with `code`."""
         if self.close_code is None:
             self.close_code = code
-            self.backlog.clear()
+            self.backlog = None
             self.backlog_chars = 0
-            self._wakeup.set()
+            self._wake()
             if self.writer is not None:
                 self.writer.cancel()
+            self._interrupt()
+
+
+class Membership:
+    """One listener's place on a thread, for an `async with` block: it joins on entering and leaves on leaving,
+    however the block ends. A class, not a generator: an idle socket keeps it for as long as it stays open."""
+
+    __slots__ = ("after", "connection", "hub", "occupied", "socket_limit")
+
+    def __init__(self, hub: "Hub", connection: Connection, socket_limit: int | None = None, after: int | None = None):
+        self.hub, self.connection, self.socket_limit, self.after = hub, connection, socket_limit, after
+        self.occupied = False
+
+    async def __aenter__(self) -> Connection:
+        hub, connection = self.hub, self.connection
+        # First: what comes while it joins (others' presence included) waits for it.
+        hub.threads.setdefault(connection.thread_id, set()).add(connection)
+        try:
+            if connection.slot is None:  # a request waiting for its runs: it only listens
+                await self._listen()
+            else:
+                assert self.socket_limit is not None
+                await self._join(self.socket_limit)
+        except BaseException:
+            await self._leave()
+            raise
+        return connection
+
+    async def _join(self, socket_limit: int) -> None:
+        hub, connection = self.hub, self.connection
+        thread_id, sub, slot = connection.thread_id, connection.sub, connection.slot
+        assert slot is not None
+        occupied = await hub.broker.occupy(sub, thread_id, slot, socket_limit)
+        if occupied is None:
+            raise TooManySockets(socket_limit)
+        self.occupied = True
+        if occupied.mine == 1:
+            hub.broker.signal(presence_signal(thread_id, sub, 1, slot))
+        catch_up = await hub._watch(connection, self.after)
+        first = [Event.create(catch_up.seq, {
+            "type": "thread.joined", "thread_id": thread_id, "clients": occupied.clients,
+            "present": occupied.present, "active_run": catch_up.active_run})]
+        if self.after is not None and catch_up.missed is None:
+            first.append(hub.resync_event(thread_id, catch_up.seq))
+        hub._start(connection, catch_up.seq, first + (catch_up.missed or []))
+
+    async def _listen(self) -> None:
+        try:
+            catch_up = await self.hub._watch(self.connection, None)
+        except BrokerUnavailable:
+            catch_up, self.connection.live = CatchUp(0, None, None), False
+        self.hub._start(self.connection, catch_up.seq, [])
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._leave()
+
+    async def _leave(self) -> None:
+        """Out of the thread, its slot given back; its writer, if any, done."""
+        hub, connection = self.hub, self.connection
+        thread_id, sub, slot = connection.thread_id, connection.sub, connection.slot
+        if self.occupied:
+            assert slot is not None
+            with contextlib.suppress(Exception):  # the broker may be down: the slot then lapses by itself
+                if await hub.broker.vacate(sub, thread_id, slot) == 0:
+                    hub.broker.signal(presence_signal(thread_id, sub, 0, slot))
+        connection.close(status.WS_1000_NORMAL_CLOSURE)
+        hub._remove(connection)
+        if thread_id not in hub.threads:
+            # A watch still in flight is undone by this: whoever joins next must start a new one.
+            hub._watching.pop(thread_id, None)
+            with contextlib.suppress(Exception):  # the broker may be down: nothing to undo then
+                await hub.broker.unwatch(thread_id)
+        if connection.writer is not None:
+            await asyncio.wait([connection.writer])
+            if not connection.writer.cancelled() and (error := connection.writer.exception()):
+                log.error("writing to a socket failed", exc_info=error)
 
 
 class Hub:
@@ -205,67 +352,18 @@ class Hub:
         self._slots = itertools.count()
         self.closed_with: int | None = None  # once close_all: every listener that joins later is closed so too
 
-    @contextlib.asynccontextmanager
-    async def joined(self, thread_id: str, sub: str, socket_limit: int,
-                     after: int | None = None) -> AsyncIterator[Connection]:
-        """A socket or event stream on the thread for the block. It takes one of the user's slots, counts in
-        `clients` and `present`, hears `presence` and `typing`, and begins with `thread.joined` and, with
+    def joined(self, thread_id: str, sub: str, socket_limit: int, after: int | None = None) -> Membership:
+        """A socket or event stream on the thread for an `async with` block. It takes one of the user's slots, counts
+        in `clients` and `present`, hears `presence` and `typing`, and begins with `thread.joined` and, with
         `after`, every event it missed (or `resync`)."""
         connection = Connection(thread_id, sub, self.max_backlog_chars, self.coalesce_seconds)
-        connection.slot = slot = f"{self.broker.process_id}:{next(self._slots)}"
-        async with self._on_thread(connection):
-            occupied = await self.broker.occupy(sub, thread_id, slot, socket_limit)
-            if occupied is None:
-                raise TooManySockets(socket_limit)
-            try:
-                if occupied.mine == 1:
-                    self.broker.signal(presence_signal(thread_id, sub, 1, slot))
-                catch_up = await self._watch(connection, after)
-                first = [Event.create(catch_up.seq, {
-                    "type": "thread.joined", "thread_id": thread_id, "clients": occupied.clients,
-                    "present": occupied.present, "active_run": catch_up.active_run})]
-                if after is not None and catch_up.missed is None:
-                    first.append(self.resync_event(thread_id, catch_up.seq))
-                self._start(connection, catch_up.seq, first + (catch_up.missed or []))
-                yield connection
-            finally:
-                with contextlib.suppress(Exception):  # the broker may be down: the slot then lapses by itself
-                    if await self.broker.vacate(sub, thread_id, slot) == 0:
-                        self.broker.signal(presence_signal(thread_id, sub, 0, slot))
+        connection.slot = f"{self.broker.process_id}:{next(self._slots)}"
+        return Membership(self, connection, socket_limit, after)
 
-    @contextlib.asynccontextmanager
-    async def listening(self, thread_id: str, sub: str) -> AsyncIterator[Connection]:
-        """Hear the thread's events from the next one on, for the block: a request waiting for its own runs.
-        While the broker is down it hears nothing, and learns from the store that its runs ended."""
-        connection = Connection(thread_id, sub, self.max_backlog_chars, self.coalesce_seconds)
-        async with self._on_thread(connection):
-            try:
-                catch_up = await self._watch(connection, None)
-            except BrokerUnavailable:
-                catch_up, connection.live = CatchUp(0, None, None), False
-            self._start(connection, catch_up.seq, [])
-            yield connection
-
-    @contextlib.asynccontextmanager
-    async def _on_thread(self, connection: Connection) -> AsyncIterator[None]:
-        """Among the thread's listeners for the block; its writer, if any, done when the block is."""
-        thread_id = connection.thread_id
-        # First: what comes while it joins (others' presence included) waits for it.
-        self.threads.setdefault(thread_id, set()).add(connection)
-        try:
-            yield
-        finally:
-            connection.close(status.WS_1000_NORMAL_CLOSURE)
-            self._remove(connection)
-            if thread_id not in self.threads:
-                # A watch still in flight is undone by this: whoever joins next must start a new one.
-                self._watching.pop(thread_id, None)
-                with contextlib.suppress(Exception):  # the broker may be down: nothing to undo then
-                    await self.broker.unwatch(thread_id)
-            if connection.writer is not None:
-                await asyncio.wait([connection.writer])
-                if not connection.writer.cancelled() and (error := connection.writer.exception()):
-                    log.error("writing to a socket failed", exc_info=error)
+    def listening(self, thread_id: str, sub: str) -> Membership:
+        """Hear the thread's events from the next one on, for an `async with` block: a request waiting for its own
+        runs. While the broker is down it hears nothing, and learns from the store that its runs ended."""
+        return Membership(self, Connection(thread_id, sub, self.max_backlog_chars, self.coalesce_seconds))
 
     async def _watch(self, connection: Connection, after: int | None) -> CatchUp:
         """Once the broker watches the thread, what this listener missed since `after`. Listeners joining at once

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -600,47 +600,50 @@ async def thread_socket(websocket: WebSocket) -> None:
     """A refusal before the handshake is accepted (no such thread, a bad `after`, too many sockets, no
     broker) raises, and `service_error` answers it as it would a request: an HTTP denial response."""
     app, user = services(websocket), websocket.scope["user"]
-    thread = await visible_thread(websocket)
+    thread_id = (await visible_thread(websocket)).id  # the id alone: the socket may stay for hours
     after = resume_point(websocket.query_params.get("after"))
-    async with app.hub.joined(thread.id, user.sub, after=after,
+    async with app.hub.joined(thread_id, user.sub, after=after,
                               socket_limit=app.config.max_sockets_per_user) as connection:
-        with app.metrics.sockets_open.track_inprogress():
-            close_code = await serve_socket(websocket, connection, user, app)
+        await websocket.accept(subprotocol=websocket.scope.get("auth_subprotocol"))
+        app.metrics.sockets_open.inc()
+        try:
+            with connection.serving(websocket.send_text, until=user.expires_at, expired_code=WS_TOKEN_EXPIRED):
+                await read_frames(websocket, connection, app)
+        finally:
+            app.metrics.sockets_open.dec()
+        close_code = connection.close_code
     if close_code is not None:
         # Best effort: a socket that stopped reading may never take the close frame.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(websocket.close(close_code), timeout=1)
 
 
-async def serve_socket(websocket: WebSocket, connection: Connection, user: User, app: "Services") -> int | None:
-    """Accept, then write the thread's frames and read the client's until either side ends; returns the
-    close code to send (None when the client left)."""
-    await websocket.accept(subprotocol=websocket.scope.get("auth_subprotocol"))
-    writer = connection.start_writer(websocket.send_text)
-    reader = asyncio.create_task(read_frames(websocket, connection, app))
-    try:
-        async with asyncio.timeout(max(0.0, user.expires_at - time.time())):
-            await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)
-    except TimeoutError:
-        connection.close(WS_TOKEN_EXPIRED)
-    finally:
-        reader.cancel()
-        (failure,) = await asyncio.gather(reader, return_exceptions=True)
-        if isinstance(failure, Exception) and not isinstance(failure, WebSocketDisconnect):
-            log.error("reading frames from a socket failed", exc_info=failure)
-    return connection.close_code
+class SocketRoute(WebSocketRoute):
+    """A WebSocket route whose endpoint Starlette wraps once (its exception middleware), not twice: for a function
+    endpoint it adds a session object, two closures and an exception layer of their own, which an idle socket
+    carries for as long as it stays open. A refusal still reaches `service_error`, through the middleware."""
+
+    def __init__(self, path: str, endpoint: Callable[[WebSocket], Awaitable[None]]):
+        super().__init__(path, endpoint)
+        self.app = lambda scope, receive, send: endpoint(WebSocket(scope, receive, send))
 
 
 async def read_frames(websocket: WebSocket, connection: Connection, app: "Services") -> None:
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        try:
-            await answer_frame(websocket, connection, message.get("text"), app)
-        except ServiceError as error:  # as REST answers it, but to this client alone and the socket stays open
-            count_limit_hit(websocket, error)
-            connection.note({"type": "error", "error": error_frame(error)})
+    """The client's frames, each answered in turn, until it leaves or the listener is closed."""
+    try:
+        while connection.close_code is None:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            try:
+                await answer_frame(websocket, connection, message.get("text"), app)
+            except ServiceError as error:  # as REST answers it, but to this client alone and the socket stays open
+                count_limit_hit(websocket, error)
+                connection.note({"type": "error", "error": error_frame(error)})
+    except WebSocketDisconnect:
+        pass
+    except Exception as failure:
+        log.error("reading frames from a socket failed", exc_info=failure)
 
 
 async def answer_frame(websocket: WebSocket, connection: Connection, text: str | None, app: "Services") -> None:
@@ -716,10 +719,12 @@ class RefusalsInOneLine:
     def __init__(self, app):
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    def __call__(self, scope, receive, send) -> Awaitable[None]:
         if scope["type"] != "lifespan":
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)  # handed on, not awaited: this layer stays off every socket's stack
+        return self.lifespan(scope, receive, send)
 
+    async def lifespan(self, scope, receive, send) -> None:
         async def send_reason(message):
             # Starlette sends startup.failed from inside its `except` block: the error is the one being handled.
             if message["type"] == "lifespan.startup.failed" and isinstance(error := sys.exc_info()[1], StartupRefused):
@@ -945,7 +950,7 @@ ROUTES = [
     ApiRoute("GET", "/threads/{thread_id}/presence", thread_presence,
              "Who is connected to the thread now (sockets and event streams, service-wide)", {200: PresenceList},
              errors=(404,)),
-    WebSocketRoute("/threads/{thread_id}/ws", thread_socket),
+    SocketRoute("/threads/{thread_id}/ws", thread_socket),
 ]
 PUBLIC_ROUTES = openapi.public_routes(ROUTES)
 
