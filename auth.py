@@ -43,7 +43,7 @@ class TokenError(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class User:
     sub: str
     expires_at: float  # unix seconds, from the token's `exp`

@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette import status
 from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -600,8 +601,10 @@ async def thread_socket(websocket: WebSocket) -> None:
     """A refusal before the handshake is accepted (no such thread, a bad `after`, too many sockets, no
     broker) raises, and `service_error` answers it as it would a request: an HTTP denial response."""
     app, user = services(websocket), websocket.scope["user"]
-    thread_id = (await visible_thread(websocket)).id  # the id alone: the socket may stay for hours
-    after = resume_point(websocket.query_params.get("after"))
+    await visible_thread(websocket)
+    # What an idle socket keeps is kept for hours: the path's own thread id, and no parsed query string.
+    thread_id = path_param(websocket, "thread_id")
+    after = resume_point(QueryParams(websocket.scope["query_string"]).get("after"))
     async with app.hub.joined(thread_id, user.sub, after=after,
                               socket_limit=app.config.max_sockets_per_user) as connection:
         await websocket.accept(subprotocol=websocket.scope.get("auth_subprotocol"))
