@@ -998,7 +998,7 @@ def goals(results: dict) -> list[str]:
          f"uvicorn's own, the raw app's: {idle['raw']['kib_per_socket']:.1f} KiB"),
         ("the service's own share of an idle socket's memory (above the raw app's) < 8 KiB",
          idle["service"]["kib_per_socket"] - idle["raw"]["kib_per_socket"], lambda kib: kib < 8, "{:.1f} KiB",
-         "a listener, its writer and reader tasks, Starlette's WebSocket, joining's slot"),
+         "the socket's listener and slot, Starlette's WebSocket and its scope, the endpoint's suspended frames"),
         (f"concurrent streaming runs per core, starting over {CAPACITY_SPREAD:g} s, >= the raw app's",
          capacity["service"]["capacity"] / max(1, capacity["raw"]["capacity"]), lambda ratio: ratio >= 1,
          "{:.2f} x", f"{runs('service')} against the raw app's {runs('raw')}; {at_capacity('service')}"
